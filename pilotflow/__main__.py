@@ -1,0 +1,3 @@
+from pilotflow.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,315 @@
+"""Bundle → Plan: the fewest pilots per resource, then the fewest node-hours, then the
+shortest makespan, every plan checked by the simulator of the launcher's own policy.
+
+Steps per resource: group interchangeable tasks; solve the aggregated MILP (``packing``) for
+the number of full pilots and the work left to one remainder pilot; hand out the work; size
+every pilot (nodes, walltime) by simulating it on each allowed node count and keeping the
+cheapest; then simulate all pilots together, as the launchers will run them, and repair
+(grow a pilot, or add one for what is left) until every task fits. Walltimes are the
+simulated makespan plus ``walltime_margin``, rounded up to the scheduler's granularity.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+from pilotflow.assign import assign_resources
+from pilotflow.bundle import Bundle, Resource, Task
+from pilotflow.errors import BundleError
+from pilotflow.grouping import Group, build_groups
+from pilotflow.packing import Shape, TooFewPilots, solver_name, split, volume_bound
+from pilotflow.simulate import SimGroup, SimPilot, simulate
+
+# Walltime granularity of each scheduler's directive (Slurm's --time counts minutes).
+WALLTIME_STEP = {"slurm": 60, "pbs": 1, "sge": 1, "local": 1}
+_REPAIR_ROUNDS = 8
+
+
+@dataclass
+class PilotPlan:
+    id: str
+    resource: str
+    nodes: int
+    cores_per_node: int
+    walltime_s: int
+    makespan_s: float  # simulated, before the margin
+    tasks: list[int]  # task indices, in rank order
+    busy_core_s: int
+
+    @property
+    def cores(self) -> int:
+        return self.nodes * self.cores_per_node
+
+    @property
+    def efficiency(self) -> float:
+        charged = self.cores * self.walltime_s
+        return self.busy_core_s / charged if charged else 0.0
+
+    @property
+    def node_hours(self) -> float:
+        return self.nodes * self.walltime_s / 3600
+
+
+@dataclass
+class ResourcePlan:
+    resource: Resource
+    lower_bound_pilots: int
+    pilots: list[PilotPlan]
+    tasks: list[int]
+    why: str = ""
+
+    @property
+    def node_hours(self) -> float:
+        return sum(p.node_hours for p in self.pilots)
+
+
+@dataclass
+class Plan:
+    bundle: Bundle
+    resources: list[ResourcePlan]
+    rank: dict[int, int]  # task index → priority (smaller first) within its resource's pool
+    solver: str = ""
+    seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def pilots(self) -> list[PilotPlan]:
+        return [p for r in self.resources for p in r.pilots]
+
+    def pilot_of(self) -> dict[int, str]:
+        return {t: p.id for p in self.pilots for t in p.tasks}
+
+    def to_json(self) -> dict:
+        """The ``plan --json`` document of SPEC §3, key for key."""
+        names = [t.name for t in self.bundle.tasks]
+        return {
+            "bundle": self.bundle.name,
+            "tasks": len(self.bundle.tasks),
+            "resources": [{
+                "name": r.resource.name,
+                "scheduler": r.resource.scheduler,
+                "lower_bound_pilots": r.lower_bound_pilots,
+                "pilots": [{
+                    "id": p.id, "nodes": p.nodes, "cores": p.cores, "walltime_s": p.walltime_s,
+                    "tasks": [names[i] for i in p.tasks], "busy_core_s": p.busy_core_s,
+                    "efficiency": round(p.efficiency, 3),
+                } for p in r.pilots],
+            } for r in self.resources],
+        }
+
+
+def make_plan(bundle: Bundle, *, margin: float | None = None, first_pilot: int = 1,
+              only: list[int] | None = None) -> Plan:
+    """Plan ``bundle`` (or just the tasks ``only``); ``margin`` overrides every resource's."""
+    started = time.perf_counter()
+    tasks = bundle.tasks
+    indices = list(range(len(tasks))) if only is None else sorted(only)
+    split_by_res, why = assign_resources(bundle, indices)
+    plans: list[ResourcePlan] = []
+    rank: dict[int, int] = {}
+    next_id = first_pilot
+    used_solver = ""
+    for res in bundle.resources:
+        mine = split_by_res.get(res.name, [])
+        if not mine:
+            continue
+        m = res.walltime_margin if margin is None else margin
+        rp, groups, gid_of, used = _plan_resource(bundle, res, mine, m)
+        used_solver = used_solver or used
+        rp.why = why.get(res.name, "")
+        for p in rp.pilots:
+            p.id = f"p{next_id}"
+            next_id += 1
+        order = sorted(mine, key=lambda i: (groups[gid_of[i]].rank, i))
+        rank.update({i: k for k, i in enumerate(order)})
+        plans.append(rp)
+    return Plan(bundle=bundle, resources=plans, rank=rank, solver=used_solver or solver_name(),
+                seconds=time.perf_counter() - started)
+
+
+def _plan_resource(bundle: Bundle, res: Resource, indices: list[int], margin: float):
+    tasks = bundle.tasks
+    groups, gid_of = build_groups(tasks, indices)
+    step = WALLTIME_STEP.get(res.scheduler, 1)
+    cpn, N, Wmax = res.cores_per_node, res.max_nodes, res.max_walltime_s
+    shapes, shape_groups = _shapes(groups, res)
+    used_solver = ""
+    if Wmax is None:
+        counts = [{g: len(gr.members) for g, gr in enumerate(groups)}]
+        lb = 1
+    else:
+        lb = volume_bound(shapes, cpn, N, Wmax)
+        try:
+            sp = split(shapes, cpn, N, Wmax, res.max_pilots)
+        except TooFewPilots as e:
+            raise BundleError([f"{bundle.where(res.origin + ('max_pilots',))} resource '{res.name}': "
+                               f"its {len(indices)} tasks need at least {e.needed} pilots of {N} node(s) × "
+                               f"{Wmax}s but max_pilots = {res.max_pilots}; raise max_pilots, max_nodes or "
+                               "max_walltime, or move tasks to another resource"]) from None
+        used_solver = sp.solver
+        counts = _hand_out(groups, shape_groups, sp.full, sp.x_full, sp.x_rem)
+    sizes = [_size(groups, c, res, margin, step) for c in counts]
+    counts, sizes = _repair(groups, counts, sizes, res, margin, step, bundle)
+    pilots = []
+    for members, (nodes, wall, span) in zip(_members(groups, counts), sizes):
+        busy = sum(tasks[i].cores * tasks[i].walltime_s for i in members)
+        pilots.append(PilotPlan(id="", resource=res.name, nodes=nodes, cores_per_node=cpn,
+                                walltime_s=wall, makespan_s=span, tasks=members, busy_core_s=busy))
+    return ResourcePlan(resource=res, lower_bound_pilots=max(lb, 1), pilots=pilots, tasks=indices), \
+        groups, gid_of, used_solver
+
+
+def effective_cores(cores: int, memory: int, res: Resource) -> int:
+    """Cores a task takes from a node for packing: its memory may take more than its cores."""
+    if memory and res.memory_per_node_mb:
+        return max(cores, math.ceil(memory * res.cores_per_node / res.memory_per_node_mb))
+    return cores
+
+
+def _shapes(groups: list[Group], res: Resource) -> tuple[list[Shape], list[list[int]]]:
+    index: dict[tuple[int, int], int] = {}
+    shapes: list[Shape] = []
+    members: list[list[int]] = []
+    for gi, g in enumerate(groups):
+        key = (min(res.cores_per_node, effective_cores(g.cores, g.memory, res)), g.walltime)
+        if key not in index:
+            index[key] = len(shapes)
+            shapes.append(Shape(key[0], key[1], 0))
+            members.append([])
+        si = index[key]
+        shapes[si] = Shape(key[0], key[1], shapes[si].count + len(g.members))
+        members[si].append(gi)
+    return shapes, members
+
+
+def _hand_out(groups: list[Group], shape_groups: list[list[int]], full: int, x_full: list[int],
+              x_rem: list[int]) -> list[dict[int, int]]:
+    """Per pilot, group → count: the remainder takes the lowest-priority tasks of each shape,
+    the full pilots share the rest evenly (rotating who gets the odd ones out)."""
+    counts: list[dict[int, int]] = [{} for _ in range(full)]
+    rem: dict[int, int] = {}
+    turn = 0
+    for si, gids in enumerate(shape_groups):
+        want_rem = x_rem[si]
+        for gi in sorted(gids, key=lambda g: groups[g].rank, reverse=True):
+            k = len(groups[gi].members)
+            r = min(k, want_rem)
+            if r:
+                rem[gi] = r
+                want_rem -= r
+            k -= r
+            if k and full:
+                base, extra = divmod(k, full)
+                for j in range(full):
+                    share = base + (1 if (j - turn) % full < extra else 0)
+                    if share:
+                        counts[j][gi] = counts[j].get(gi, 0) + share
+                turn = (turn + extra) % full
+            elif k:
+                rem[gi] = rem.get(gi, 0) + k
+    if rem:
+        counts.append(rem)
+    return counts
+
+
+def _sub_sim(groups: list[Group], count: dict[int, int]) -> list[SimGroup]:
+    """Sim groups for one pilot on its own (dependencies on other pilots count as met)."""
+    return [SimGroup(cores=g.cores, walltime=g.walltime, memory=g.memory, deps=g.deps, rank=g.rank,
+                     count={0: count[gi]} if count.get(gi) else {}) for gi, g in enumerate(groups)]
+
+
+def _walltime(span: float, margin: float, step: int, wmax: int | None) -> int:
+    w = math.ceil(span * (1 + margin) / step - 1e-9) * step
+    w = max(w, step)
+    return min(w, wmax) if wmax is not None else w
+
+
+def _node_options(n_max: int, min_nodes: int) -> list[int]:
+    if n_max <= 16:
+        return list(range(min_nodes, n_max + 1))
+    opts = {n for n in (1, 2, 3, 4, 6, 8, 12, 16) if n <= n_max} | {n_max}
+    k = 24
+    while k < n_max:
+        opts.add(k)
+        k = k * 3 // 2
+    return sorted(o for o in opts if o >= min_nodes)
+
+
+def _size(groups: list[Group], count: dict[int, int], res: Resource, margin: float,
+          step: int) -> tuple[int, int, float]:
+    """(nodes, walltime, makespan) of the cheapest node count that fits the pilot's work."""
+    sim = _sub_sim(groups, count)
+    cpn, wmax = res.cores_per_node, res.max_walltime_s
+    volume = sum(groups[g].cores * groups[g].walltime * k for g, k in count.items())
+    min_nodes = max((groups[g].nodes for g in count), default=1)
+    best = None
+    for n in _node_options(res.max_nodes, min_nodes):
+        if wmax is not None and volume / (n * cpn) > wmax:
+            continue
+        r = simulate(sim, [SimPilot(n, cpn, res.memory_per_node_mb)], steal=False)
+        span = r.makespan[0]
+        if wmax is not None and span > wmax:
+            continue
+        wall = _walltime(span, margin, step, wmax)
+        key = (n * wall, wall, n)
+        if best is None or key < best[0]:
+            best = (key, (n, wall, span))
+    if best is None:  # even the largest pilot is too small: the repair step splits the work
+        n = res.max_nodes
+        r = simulate(sim, [SimPilot(n, cpn, res.memory_per_node_mb)], steal=False)
+        return n, _walltime(r.makespan[0], margin, step, None), r.makespan[0]
+    return best[1]
+
+
+def _repair(groups: list[Group], counts: list[dict[int, int]], sizes: list[tuple[int, int, float]],
+            res: Resource, margin: float, step: int, bundle: Bundle):
+    """Simulate all pilots together and fix what does not fit, until everything does."""
+    wmax = res.max_walltime_s
+    for _ in range(_REPAIR_ROUNDS):
+        sim = [SimGroup(cores=g.cores, walltime=g.walltime, memory=g.memory, deps=g.deps, rank=g.rank,
+                        count={p: c[gi] for p, c in enumerate(counts) if c.get(gi)})
+               for gi, g in enumerate(groups)]
+        pilots = [SimPilot(n, res.cores_per_node, res.memory_per_node_mb, None if wmax is None else w)
+                  for n, w, _ in sizes]
+        r = simulate(sim, pilots)
+        if r.complete:
+            keep = [p for p, c in enumerate(counts) if c]
+            return [counts[p] for p in keep], [sizes[p] for p in keep]
+        grown = False
+        for p, left in enumerate(r.left):
+            if left and sizes[p][:2] != (res.max_nodes, wmax):
+                sizes[p] = (res.max_nodes, wmax, sizes[p][2])
+                grown = True
+        if grown:
+            continue
+        extra: dict[int, int] = {}
+        for p, left in enumerate(r.left):
+            for gi, k in left.items():
+                counts[p][gi] -= k
+                if not counts[p][gi]:
+                    del counts[p][gi]
+                extra[gi] = extra.get(gi, 0) + k
+        counts.append(extra)
+        sizes.append(_size(groups, extra, res, margin, step))
+        if res.max_pilots is not None and len(counts) > res.max_pilots:
+            raise BundleError([f"{bundle.where(res.origin + ('max_pilots',))} resource '{res.name}': "
+                               f"the tasks need {len(counts)} pilots once simulated but max_pilots = "
+                               f"{res.max_pilots}; raise max_pilots, max_nodes or max_walltime"])
+    raise BundleError([f"{bundle.where(res.origin)} resource '{res.name}': no plan fits its limits "
+                       "after repair; check dependency chains longer than max_walltime"])
+
+
+def _members(groups: list[Group], counts: list[dict[int, int]]) -> list[list[int]]:
+    """Concrete task indices per pilot: consecutive slices of each group's members."""
+    cursor: dict[int, int] = {}
+    out = []
+    for count in counts:
+        members: list[int] = []
+        for gi in sorted(count, key=lambda g: groups[g].rank):
+            start = cursor.get(gi, 0)
+            members.extend(groups[gi].members[start:start + count[gi]])
+            cursor[gi] = start + count[gi]
+        out.append(members)
+    return out

@@ -1,0 +1,215 @@
+"""The schedule the launcher will follow, computed ahead of time to check and size a plan.
+
+The policy (mirrored exactly by ``launcher.py``): every node agent, whenever it has free cores,
+claims the claimable token of best rank that fits its free cores, free memory and the
+pilot's remaining walltime — first among its own pilot's planned tokens, and only once those
+are all claimed, among other pilots' tokens (work stealing). A token is claimable when all
+its dependencies are done. Ranks put long critical paths first (bottom level), then wide,
+then long tasks, which is LPT for independent tasks.
+
+Tasks are simulated in *groups* of interchangeable tasks (same cores, walltime, memory,
+dependencies and dependants): a node that can take k of them at once takes them in one
+event. The simulation is exact for the policy and its cost grows with the number of
+distinct groups and waves, not with the number of tasks, which is what lets the planner
+check 100k-task plans in well under a second.
+"""
+
+from __future__ import annotations
+
+import heapq
+from bisect import insort
+from dataclasses import dataclass, field
+
+INF = float("inf")
+
+
+@dataclass
+class SimGroup:
+    """Interchangeable tasks. ``count`` maps pilot index → planned number of them."""
+
+    cores: int
+    walltime: float
+    memory: int = 0
+    deps: tuple[int, ...] = ()  # group ids that must be fully done first
+    rank: int = 0  # position in the global priority order (smaller first)
+    count: dict[int, int] = field(default_factory=dict)
+
+
+@dataclass
+class SimPilot:
+    nodes: int
+    cores_per_node: int
+    memory_per_node: int | None = None
+    walltime: float | None = None  # None: no limit
+    start: float = 0.0
+
+
+@dataclass
+class SimResult:
+    makespan: list[float]  # per pilot: end of its last task (0 if it ran none), from its start
+    busy: list[float]  # per pilot: core-seconds of the tasks it ran
+    ran: list[dict[int, int]]  # per pilot: group id → number of its tasks run there
+    unfinished: dict[int, int]  # group id → tasks never run (did not fit any walltime)
+    left: list[dict[int, int]] = field(default_factory=list)  # per pilot: its own tasks never run
+    end: float = 0.0  # absolute time the last task ended
+
+    @property
+    def complete(self) -> bool:
+        return not self.unfinished
+
+
+class _Node:
+    __slots__ = ("pilot", "free", "mem", "hungry")
+
+    def __init__(self, pilot: int, cores: int, mem: float):
+        self.pilot, self.free, self.mem, self.hungry = pilot, cores, mem, True
+
+
+def simulate(groups: list[SimGroup], pilots: list[SimPilot], *, steal: bool = True) -> SimResult:
+    """Run the launcher policy over ``pilots`` (all start at their ``start``)."""
+    n_p = len(pilots)
+    total = [0] * len(groups)  # tasks of each group not yet done, all pilots
+    left = [dict(g.count) for g in groups]  # unclaimed per pilot
+    for gi, g in enumerate(groups):
+        total[gi] = sum(g.count.values())
+    own_unclaimed = [0] * n_p
+    for g in groups:
+        for p, k in g.count.items():
+            own_unclaimed[p] += k
+    waiting = [len(set(g.deps)) for g in groups]
+    dependants: list[list[int]] = [[] for _ in groups]
+    for gi, g in enumerate(groups):
+        for d in set(g.deps):
+            dependants[d].append(gi)
+    # ready lists hold (rank, gid) of groups whose deps are done and that have unclaimed tasks
+    ready_own: list[list[tuple[int, int]]] = [[] for _ in range(n_p)]
+    ready_all: list[tuple[int, int]] = []
+
+    def release(gi: int) -> None:
+        g = groups[gi]
+        key = (g.rank, gi)
+        insort(ready_all, key)
+        for p, k in left[gi].items():
+            if k:
+                insort(ready_own[p], key)
+
+    for gi in range(len(groups)):  # groups with no tasks here count as done (run elsewhere)
+        if total[gi] == 0:
+            for d in dependants[gi]:
+                waiting[d] -= 1
+    for gi in range(len(groups)):
+        if waiting[gi] == 0 and total[gi]:
+            release(gi)
+
+    nodes: list[_Node] = []
+    for pi, p in enumerate(pilots):
+        mem = INF if p.memory_per_node is None else p.memory_per_node
+        nodes.extend(_Node(pi, p.cores_per_node, mem) for _ in range(p.nodes))
+    limit = [INF if p.walltime is None else p.start + p.walltime for p in pilots]
+    events: list[tuple[float, int, int, int, int]] = []  # (end, seq, node, gid, k)
+    seq = 0
+    makespan = [0.0] * n_p
+    busy = [0.0] * n_p
+    ran: list[dict[int, int]] = [{} for _ in range(n_p)]
+
+    def take(node_i: int, now: float) -> None:
+        nonlocal seq
+        node = nodes[node_i]
+        p = node.pilot
+        room = limit[p] - now
+        while node.free > 0:
+            gi, src = _pick(groups, ready_own[p], node, room, left, p)
+            if gi < 0 and steal and own_unclaimed[p] == 0:
+                gi, src = _pick(groups, ready_all, node, room, left, -1)
+            if gi < 0:
+                break
+            g = groups[gi]
+            k = min(left[gi][src], node.free // g.cores)
+            if g.memory:
+                k = min(k, int(node.mem // g.memory))
+            left[gi][src] -= k
+            own_unclaimed[src] -= k
+            if left[gi][src] == 0:
+                _drop(ready_own[src], (g.rank, gi))
+                if not any(left[gi].values()):
+                    _drop(ready_all, (g.rank, gi))
+            node.free -= k * g.cores
+            node.mem -= k * g.memory
+            end = now + g.walltime
+            seq += 1
+            heapq.heappush(events, (end, seq, node_i, gi, k))
+            busy[p] += k * g.cores * g.walltime
+            ran[p][gi] = ran[p].get(gi, 0) + k
+        node.hungry = node.free > 0
+
+    t0 = min((p.start for p in pilots), default=0.0)
+    starts = sorted({p.start for p in pilots})
+    pending_starts = [s for s in starts if s > t0]
+    for i, node in enumerate(nodes):
+        if pilots[node.pilot].start <= t0:
+            take(i, t0)
+    now = t0
+    while events or pending_starts:
+        if pending_starts and (not events or pending_starts[0] <= events[0][0]):
+            now = pending_starts.pop(0)
+            for i, node in enumerate(nodes):
+                if pilots[node.pilot].start == now:
+                    take(i, now)
+            continue
+        now = events[0][0]
+        freed: list[int] = []
+        released = False
+        while events and events[0][0] == now:
+            _, _, ni, gi, k = heapq.heappop(events)
+            node = nodes[ni]
+            g = groups[gi]
+            node.free += k * g.cores
+            node.mem += k * g.memory
+            p = node.pilot
+            span = now - pilots[p].start
+            if span > makespan[p]:
+                makespan[p] = span
+            freed.append(ni)
+            total[gi] -= k
+            if total[gi] == 0:
+                for d in dependants[gi]:
+                    waiting[d] -= 1
+                    if waiting[d] == 0 and total[d]:
+                        release(d)
+                        released = True
+        if released:
+            for i, node in enumerate(nodes):
+                if node.hungry and pilots[node.pilot].start <= now:
+                    take(i, now)
+        for ni in dict.fromkeys(freed):
+            take(ni, now)
+    unfinished = {gi: total[gi] for gi in range(len(groups)) if total[gi]}
+    left_by_pilot: list[dict[int, int]] = [{} for _ in range(n_p)]
+    for gi in unfinished:
+        for p, k in left[gi].items():
+            if k:
+                left_by_pilot[p][gi] = k
+    return SimResult(makespan=makespan, busy=busy, ran=ran, unfinished=unfinished, end=now,
+                     left=left_by_pilot)
+
+
+def _pick(groups: list[SimGroup], ready: list[tuple[int, int]], node: _Node, room: float,
+          left: list[dict[int, int]], pilot: int) -> tuple[int, int]:
+    """First group in rank order that fits the node; returns (gid, source pilot) or (-1, -1)."""
+    free, mem = node.free, node.mem
+    for _, gi in ready:
+        g = groups[gi]
+        if g.cores <= free and g.memory <= mem and g.walltime <= room:
+            if pilot >= 0:
+                return gi, pilot
+            # stealing: take from the pilot holding the most unclaimed tasks of the group
+            src = max((k, -p, p) for p, k in left[gi].items() if k)[2]
+            return gi, src
+    return -1, -1
+
+
+def _drop(ready: list[tuple[int, int]], key: tuple[int, int]) -> None:
+    from bisect import bisect_left
+    i = bisect_left(ready, key)
+    if i < len(ready) and ready[i] == key:
+        del ready[i]
