@@ -403,7 +403,7 @@ def _resolve_after(tasks: list[Task], pb: _Problems) -> list[Task]:
     for t in tasks:
         if t.name in seen:
             first = seen[t.name]
-            line = pb.lines.line(first.origin) if pb.lines else None
+            line = pb.lines.line(first.origin + ("name",)) if pb.lines else None
             also = f" (also at line {line})" if line else ""
             pb.add(t.origin + ("name",), f"duplicate task name '{t.name}' after expansion{also}")
         else:

@@ -30,6 +30,8 @@ def show(value: Any) -> str:
         text = "true" if value else "false"
     elif isinstance(value, dict):
         text = "{...}"
+    elif isinstance(value, list):
+        text = "[" + ", ".join(show(v) for v in value) + "]"
     else:
         text = repr(value)
     return text if len(text) <= 60 else text[:57] + '..."'

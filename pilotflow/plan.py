@@ -24,7 +24,6 @@ from pilotflow.simulate import SimGroup, SimPilot, simulate
 
 # Walltime granularity of each scheduler's directive (Slurm's --time counts minutes).
 WALLTIME_STEP = {"slurm": 60, "pbs": 1, "sge": 1, "local": 1}
-_REPAIR_ROUNDS = 8
 
 
 @dataclass
@@ -37,6 +36,7 @@ class PilotPlan:
     makespan_s: float  # simulated, before the margin
     tasks: list[int]  # task indices, in rank order
     busy_core_s: int
+    stage: int = 0  # stage k starts after every pilot of stage k-1 ended (scheduler dependency)
 
     @property
     def cores(self) -> int:
@@ -116,13 +116,13 @@ def make_plan(bundle: Bundle, *, margin: float | None = None, first_pilot: int =
         if not mine:
             continue
         m = res.walltime_margin if margin is None else margin
-        rp, groups, gid_of, used = _plan_resource(bundle, res, mine, m)
+        rp, rank_key, used = _plan_resource(bundle, res, mine, m)
         used_solver = used_solver or used
         rp.why = why.get(res.name, "")
         for p in rp.pilots:
             p.id = f"p{next_id}"
             next_id += 1
-        order = sorted(mine, key=lambda i: (groups[gid_of[i]].rank, i))
+        order = sorted(mine, key=rank_key.__getitem__)
         rank.update({i: k for k, i in enumerate(order)})
         plans.append(rp)
     return Plan(bundle=bundle, resources=plans, rank=rank, solver=used_solver or solver_name(),
@@ -130,8 +130,92 @@ def make_plan(bundle: Bundle, *, margin: float | None = None, first_pilot: int =
 
 
 def _plan_resource(bundle: Bundle, res: Resource, indices: list[int], margin: float):
+    """Plan one resource, in stages when dependency chains are longer than a pilot may live.
+
+    Stage k's pilots start after every pilot of stage k-1 has ended. Tasks a stage cannot
+    finish because of when their dependencies end (not for lack of capacity) move on to the
+    next stage, where those dependencies are done from the start.
+    """
     tasks = bundle.tasks
-    groups, gid_of = build_groups(tasks, indices)
+    groups_all, gid_all = build_groups(tasks, indices)
+    wmax = res.max_walltime_s
+    critical = max((g.bottom for g in groups_all), default=0)
+    pilots: list[PilotPlan] = []
+    rank_key: dict[int, tuple] = {}
+    used_solver = ""
+    lb = 1
+    remaining = list(indices)
+    stage = 0
+    while remaining:
+        part = remaining if wmax is None or critical <= wmax and stage == 0 else \
+            _stages(tasks, remaining, wmax)[0]
+        whole = stage == 0 and len(part) == len(indices)
+        groups, gid_of = (groups_all, gid_all) if whole else build_groups(tasks, part)
+        stage_pilots, stage_lb, used, overflow = _plan_stage(bundle, res, groups, margin)
+        used_solver = used_solver or used
+        if whole:
+            lb = stage_lb
+        for p in stage_pilots:
+            p.stage = stage
+        pilots.extend(stage_pilots)
+        moved = set(overflow)
+        rank_key.update({i: (stage, groups[gid_of[i]].rank, i) for i in part if i not in moved})
+        taken = set(part) - moved
+        remaining = [i for i in remaining if i not in taken]
+        stage += 1
+    if stage > 1:
+        shapes, _ = _shapes(groups_all, res)
+        lb = max(volume_bound(shapes, res.cores_per_node, res.max_nodes, wmax), math.ceil(critical / wmax))
+    if res.max_pilots is not None and len(pilots) > res.max_pilots:
+        raise BundleError([f"{bundle.where(res.origin + ('max_pilots',))} resource '{res.name}': the tasks "
+                           f"need {len(pilots)} pilots once simulated but max_pilots = {res.max_pilots}; "
+                           "raise max_pilots, max_nodes or max_walltime"])
+    return ResourcePlan(resource=res, lower_bound_pilots=max(lb, 1), pilots=pilots, tasks=indices), \
+        rank_key, used_solver
+
+
+def _stages(tasks: list[Task], indices: list[int], wmax: int) -> list[list[int]]:
+    """Split tasks so that within each stage every dependency chain fits one walltime.
+
+    A stage takes every remaining task whose chain of remaining predecessors ends within
+    ``wmax``; that set is closed under predecessors, so a stage only waits for earlier ones.
+    """
+    by_name = {tasks[i].name: i for i in indices}
+    remaining = set(indices)
+    stages = []
+    while remaining:
+        finish: dict[int, int] = {}
+        for i in _topological(tasks, sorted(remaining), by_name):
+            start = max((finish[by_name[d]] for d in tasks[i].after
+                         if d in by_name and by_name[d] in remaining), default=0)
+            finish[i] = start + tasks[i].walltime_s
+        stage = sorted(i for i in remaining if finish[i] <= wmax)
+        stages.append(stage)
+        remaining.difference_update(stage)
+    return stages
+
+
+def _topological(tasks: list[Task], indices: list[int], by_name: dict[str, int]) -> list[int]:
+    inside = set(indices)
+    indeg = {i: 0 for i in indices}
+    out: dict[int, list[int]] = {i: [] for i in indices}
+    for i in indices:
+        for d in tasks[i].after:
+            j = by_name.get(d)
+            if j in inside:
+                indeg[i] += 1
+                out[j].append(i)
+    order = [i for i in indices if indeg[i] == 0]
+    for i in order:
+        for s in out[i]:
+            indeg[s] -= 1
+            if indeg[s] == 0:
+                order.append(s)
+    return order
+
+
+def _plan_stage(bundle: Bundle, res: Resource, groups: list[Group], margin: float):
+    tasks = bundle.tasks
     step = WALLTIME_STEP.get(res.scheduler, 1)
     cpn, N, Wmax = res.cores_per_node, res.max_nodes, res.max_walltime_s
     shapes, shape_groups = _shapes(groups, res)
@@ -144,21 +228,22 @@ def _plan_resource(bundle: Bundle, res: Resource, indices: list[int], margin: fl
         try:
             sp = split(shapes, cpn, N, Wmax, res.max_pilots)
         except TooFewPilots as e:
+            n_tasks = sum(len(g.members) for g in groups)
             raise BundleError([f"{bundle.where(res.origin + ('max_pilots',))} resource '{res.name}': "
-                               f"its {len(indices)} tasks need at least {e.needed} pilots of {N} node(s) × "
+                               f"its {n_tasks} tasks need at least {e.needed} pilots of {N} node(s) × "
                                f"{Wmax}s but max_pilots = {res.max_pilots}; raise max_pilots, max_nodes or "
                                "max_walltime, or move tasks to another resource"]) from None
         used_solver = sp.solver
         counts = _hand_out(groups, shape_groups, sp.full, sp.x_full, sp.x_rem)
     sizes = [_size(groups, c, res, margin, step) for c in counts]
-    counts, sizes = _repair(groups, counts, sizes, res, margin, step, bundle)
+    counts, sizes, overflow = _repair(groups, counts, sizes, res, margin, step)
     pilots = []
-    for members, (nodes, wall, span) in zip(_members(groups, counts), sizes):
-        busy = sum(tasks[i].cores * tasks[i].walltime_s for i in members)
+    members = _members(groups, counts + [overflow])
+    for mine, (nodes, wall, span) in zip(members, sizes):
+        busy = sum(tasks[i].cores * tasks[i].walltime_s for i in mine)
         pilots.append(PilotPlan(id="", resource=res.name, nodes=nodes, cores_per_node=cpn,
-                                walltime_s=wall, makespan_s=span, tasks=members, busy_core_s=busy))
-    return ResourcePlan(resource=res, lower_bound_pilots=max(lb, 1), pilots=pilots, tasks=indices), \
-        groups, gid_of, used_solver
+                                walltime_s=wall, makespan_s=span, tasks=mine, busy_core_s=busy))
+    return pilots, lb, used_solver, members[-1]
 
 
 def effective_cores(cores: int, memory: int, res: Resource) -> int:
@@ -259,15 +344,24 @@ def _size(groups: list[Group], count: dict[int, int], res: Resource, margin: flo
     if best is None:  # even the largest pilot is too small: the repair step splits the work
         n = res.max_nodes
         r = simulate(sim, [SimPilot(n, cpn, res.memory_per_node_mb)], steal=False)
-        return n, _walltime(r.makespan[0], margin, step, None), r.makespan[0]
+        return n, _walltime(r.makespan[0], margin, step, wmax), r.makespan[0]
     return best[1]
 
 
 def _repair(groups: list[Group], counts: list[dict[int, int]], sizes: list[tuple[int, int, float]],
-            res: Resource, margin: float, step: int, bundle: Bundle):
-    """Simulate all pilots together and fix what does not fit, until everything does."""
+            res: Resource, margin: float, step: int):
+    """Simulate all pilots together and fix what does not fit.
+
+    Returns (counts, sizes, overflow): overflow (group → count) is work this stage cannot
+    finish because its dependencies end too late; the caller moves it to the next stage.
+    """
     wmax = res.max_walltime_s
-    for _ in range(_REPAIR_ROUNDS):
+    overflow: dict[int, int] = {}
+    while True:
+        keep = [p for p, c in enumerate(counts) if c]
+        counts, sizes = [counts[p] for p in keep], [sizes[p] for p in keep]
+        if not counts:
+            return counts, sizes, overflow
         sim = [SimGroup(cores=g.cores, walltime=g.walltime, memory=g.memory, deps=g.deps, rank=g.rank,
                         count={p: c[gi] for p, c in enumerate(counts) if c.get(gi)})
                for gi, g in enumerate(groups)]
@@ -275,8 +369,7 @@ def _repair(groups: list[Group], counts: list[dict[int, int]], sizes: list[tuple
                   for n, w, _ in sizes]
         r = simulate(sim, pilots)
         if r.complete:
-            keep = [p for p, c in enumerate(counts) if c]
-            return [counts[p] for p in keep], [sizes[p] for p in keep]
+            return counts, sizes, overflow
         grown = False
         for p, left in enumerate(r.left):
             if left and sizes[p][:2] != (res.max_nodes, wmax):
@@ -291,14 +384,23 @@ def _repair(groups: list[Group], counts: list[dict[int, int]], sizes: list[tuple
                 if not counts[p][gi]:
                     del counts[p][gi]
                 extra[gi] = extra.get(gi, 0) + k
-        counts.append(extra)
-        sizes.append(_size(groups, extra, res, margin, step))
-        if res.max_pilots is not None and len(counts) > res.max_pilots:
-            raise BundleError([f"{bundle.where(res.origin + ('max_pilots',))} resource '{res.name}': "
-                               f"the tasks need {len(counts)} pilots once simulated but max_pilots = "
-                               f"{res.max_pilots}; raise max_pilots, max_nodes or max_walltime"])
-    raise BundleError([f"{bundle.where(res.origin)} resource '{res.name}': no plan fits its limits "
-                       "after repair; check dependency chains longer than max_walltime"])
+        blocked = any(groups[gi].deps for gi in extra)
+        if blocked:
+            for gi, k in extra.items():
+                overflow[gi] = overflow.get(gi, 0) + k
+            continue
+        # a capacity shortfall (the lane model was optimistic): the pilot with the most slack
+        # takes the work if it still fits one pilot, otherwise one more pilot does
+        target = min(range(len(counts)), key=lambda p: sizes[p][1])
+        merged = dict(counts[target])
+        for gi, k in extra.items():
+            merged[gi] = merged.get(gi, 0) + k
+        size = _size(groups, merged, res, margin, step)
+        if wmax is None or size[2] <= wmax:
+            counts[target], sizes[target] = merged, size
+        else:
+            counts.append(extra)
+            sizes.append(_size(groups, extra, res, margin, step))
 
 
 def _members(groups: list[Group], counts: list[dict[int, int]]) -> list[list[int]]:

@@ -3,7 +3,8 @@
 The policy (mirrored exactly by ``launcher.py``): every node agent, whenever it has free cores,
 claims the claimable token of best rank that fits its free cores, free memory and the
 pilot's remaining walltime — first among its own pilot's planned tokens, and only once those
-are all claimed, among other pilots' tokens (work stealing). A token is claimable when all
+are all claimed, among other pilots' tokens of the same or an earlier stage (work stealing).
+At one instant, owners claim their newly claimable work before idle pilots steal it. A token is claimable when all
 its dependencies are done. Ranks put long critical paths first (bottom level), then wide,
 then long tasks, which is LPT for independent tasks.
 
@@ -33,6 +34,7 @@ class SimGroup:
     deps: tuple[int, ...] = ()  # group ids that must be fully done first
     rank: int = 0  # position in the global priority order (smaller first)
     count: dict[int, int] = field(default_factory=dict)
+    stage: int = 0  # pilots steal only tokens of their own stage or earlier ones
 
 
 @dataclass
@@ -42,6 +44,7 @@ class SimPilot:
     memory_per_node: int | None = None
     walltime: float | None = None  # None: no limit
     start: float = 0.0
+    stage: int = 0
 
 
 @dataclass
@@ -112,20 +115,23 @@ def simulate(groups: list[SimGroup], pilots: list[SimPilot], *, steal: bool = Tr
     busy = [0.0] * n_p
     ran: list[dict[int, int]] = [{} for _ in range(n_p)]
 
-    def take(node_i: int, now: float) -> None:
+    def take(node_i: int, now: float, stealing: bool) -> None:
         nonlocal seq
         node = nodes[node_i]
         p = node.pilot
         room = limit[p] - now
         while node.free > 0:
-            gi, src = _pick(groups, ready_own[p], node, room, left, p)
-            if gi < 0 and steal and own_unclaimed[p] == 0:
-                gi, src = _pick(groups, ready_all, node, room, left, -1)
+            if stealing:
+                if own_unclaimed[p]:
+                    break
+                gi, src = _pick(groups, ready_all, node, room, left, -1, pilots[p].stage)
+            else:
+                gi, src = _pick(groups, ready_own[p], node, room, left, p)
             if gi < 0:
                 break
             g = groups[gi]
             k = min(left[gi][src], node.free // g.cores)
-            if g.memory:
+            if g.memory and node.mem != INF:
                 k = min(k, int(node.mem // g.memory))
             left[gi][src] -= k
             own_unclaimed[src] -= k
@@ -135,29 +141,31 @@ def simulate(groups: list[SimGroup], pilots: list[SimPilot], *, steal: bool = Tr
                     _drop(ready_all, (g.rank, gi))
             node.free -= k * g.cores
             node.mem -= k * g.memory
-            end = now + g.walltime
             seq += 1
-            heapq.heappush(events, (end, seq, node_i, gi, k))
+            heapq.heappush(events, (now + g.walltime, seq, node_i, gi, k))
             busy[p] += k * g.cores * g.walltime
             ran[p][gi] = ran[p].get(gi, 0) + k
         node.hungry = node.free > 0
 
-    t0 = min((p.start for p in pilots), default=0.0)
-    starts = sorted({p.start for p in pilots})
-    pending_starts = [s for s in starts if s > t0]
-    for i, node in enumerate(nodes):
-        if pilots[node.pilot].start <= t0:
-            take(i, t0)
-    now = t0
-    while events or pending_starts:
-        if pending_starts and (not events or pending_starts[0] <= events[0][0]):
-            now = pending_starts.pop(0)
+    def fill(candidates: list[int], now: float) -> None:
+        # At one instant, owners first claim their own work, then idle pilots steal.
+        for i in candidates:
+            take(i, now, False)
+        if steal and ready_all:
             for i, node in enumerate(nodes):
-                if pilots[node.pilot].start == now:
-                    take(i, now)
+                if node.hungry and not own_unclaimed[node.pilot] and pilots[node.pilot].start <= now:
+                    take(i, now, True)
+
+    now = min((p.start for p in pilots), default=0.0)
+    pending_starts = sorted({p.start for p in pilots if p.start > now})
+    fill([i for i, node in enumerate(nodes) if pilots[node.pilot].start <= now], now)
+    while events or pending_starts:
+        if pending_starts and (not events or pending_starts[0] < events[0][0]):  # ends first
+            now = pending_starts.pop(0)
+            fill([i for i, node in enumerate(nodes) if pilots[node.pilot].start == now], now)
             continue
         now = events[0][0]
-        freed: list[int] = []
+        freed: set[int] = set()
         released = False
         while events and events[0][0] == now:
             _, _, ni, gi, k = heapq.heappop(events)
@@ -165,11 +173,12 @@ def simulate(groups: list[SimGroup], pilots: list[SimPilot], *, steal: bool = Tr
             g = groups[gi]
             node.free += k * g.cores
             node.mem += k * g.memory
+            node.hungry = True
             p = node.pilot
             span = now - pilots[p].start
             if span > makespan[p]:
                 makespan[p] = span
-            freed.append(ni)
+            freed.add(ni)
             total[gi] -= k
             if total[gi] == 0:
                 for d in dependants[gi]:
@@ -178,11 +187,8 @@ def simulate(groups: list[SimGroup], pilots: list[SimPilot], *, steal: bool = Tr
                         release(d)
                         released = True
         if released:
-            for i, node in enumerate(nodes):
-                if node.hungry and pilots[node.pilot].start <= now:
-                    take(i, now)
-        for ni in dict.fromkeys(freed):
-            take(ni, now)
+            freed.update(i for i, node in enumerate(nodes) if node.hungry and pilots[node.pilot].start <= now)
+        fill(sorted(freed), now)
     unfinished = {gi: total[gi] for gi in range(len(groups)) if total[gi]}
     left_by_pilot: list[dict[int, int]] = [{} for _ in range(n_p)]
     for gi in unfinished:
@@ -194,12 +200,12 @@ def simulate(groups: list[SimGroup], pilots: list[SimPilot], *, steal: bool = Tr
 
 
 def _pick(groups: list[SimGroup], ready: list[tuple[int, int]], node: _Node, room: float,
-          left: list[dict[int, int]], pilot: int) -> tuple[int, int]:
+          left: list[dict[int, int]], pilot: int, stage: int = 0) -> tuple[int, int]:
     """First group in rank order that fits the node; returns (gid, source pilot) or (-1, -1)."""
     free, mem = node.free, node.mem
     for _, gi in ready:
         g = groups[gi]
-        if g.cores <= free and g.memory <= mem and g.walltime <= room:
+        if g.cores <= free and g.memory <= mem and g.walltime <= room and (pilot >= 0 or g.stage <= stage):
             if pilot >= 0:
                 return gi, pilot
             # stealing: take from the pilot holding the most unclaimed tasks of the group

@@ -23,7 +23,7 @@ SIZE_HELP = 'a size such as "512M", "2G" or an integer of megabytes'
 def parse_duration(value: object) -> int:
     """Seconds in a duration; raises ValueError with the accepted forms on anything else."""
     if isinstance(value, bool):
-        raise ValueError(f"expected {DURATION_HELP}, got {value!r}")
+        raise ValueError(f"expected {DURATION_HELP}")
     if isinstance(value, int):
         if value < 0:
             raise ValueError(f"a duration cannot be negative, got {value}")
@@ -31,10 +31,10 @@ def parse_duration(value: object) -> int:
     if isinstance(value, float) and value >= 0 and math.isfinite(value):
         return math.ceil(value)
     if not isinstance(value, str):
-        raise ValueError(f"expected {DURATION_HELP}, got {value!r}")
+        raise ValueError(f"expected {DURATION_HELP}")
     text = value.strip().replace(" ", "")
     if not text:
-        raise ValueError(f"expected {DURATION_HELP}, got an empty string")
+        raise ValueError(f"expected {DURATION_HELP}")
     if text.isdigit():
         return int(text)
     if _COMPOUND.match(text):
@@ -51,7 +51,7 @@ def parse_duration(value: object) -> int:
             return _checked(int(a) * 3600 + int(b) * 60 + int(c), int(b), int(c), value)
         if b is not None:  # MM:SS, as Slurm reads two fields
             return _checked(int(a) * 60 + int(b), 0, int(b), value)
-    raise ValueError(f"expected {DURATION_HELP}, got {value!r}")
+    raise ValueError(f"expected {DURATION_HELP}")
 
 
 def _checked(total: int, minutes: int, seconds: int, original: object) -> int:
@@ -67,7 +67,7 @@ _SIZE_MB = {"k": 1 / 1024, "": 1, "m": 1, "g": 1024, "t": 1024**2, "p": 1024**3}
 def parse_size_mb(value: object) -> int:
     """Megabytes (MiB) in a size; a bare number means megabytes, as with ``sbatch --mem``."""
     if isinstance(value, bool):
-        raise ValueError(f"expected {SIZE_HELP}, got {value!r}")
+        raise ValueError(f"expected {SIZE_HELP}")
     if isinstance(value, int):
         if value < 0:
             raise ValueError(f"a size cannot be negative, got {value}")
@@ -76,7 +76,7 @@ def parse_size_mb(value: object) -> int:
         m = _SIZE.match(value.strip())
         if m:
             return math.ceil(float(m.group(1)) * _SIZE_MB[m.group(2).lower()])
-    raise ValueError(f"expected {SIZE_HELP}, got {value!r}")
+    raise ValueError(f"expected {SIZE_HELP}")
 
 
 def format_duration(seconds: float) -> str:

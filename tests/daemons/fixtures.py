@@ -1,0 +1,95 @@
+"""Session-scoped pytest fixtures for the real local daemons.
+
+Use from tests/conftest.py with ``from tests.daemons.fixtures import *``.
+Why session scope: starting Slurm takes ~1.5 s and stopping Grid Engine's
+qmaster ~8 s, and every test can share one cluster (jobs are independent).
+
+Each fixture installs the Debian packages through install.sh when the
+binaries are missing and we are root with apt-get; when that is impossible it
+skips with the reason. A daemon that is installed but fails to start is an
+error, not a skip: that is a real breakage CI must show.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from tests.daemons.sge import SgeCluster
+from tests.daemons.slurm import SlurmCluster
+from tests.daemons.sshd import SshServer
+
+INSTALL_SH = Path(__file__).with_name("install.sh")
+
+__all__ = ["slurm_cluster", "sge_cluster", "ssh_server", "ensure_installed"]
+
+
+def ensure_installed(binaries: list[str], packages: list[str]) -> str | None:
+    """None when ``binaries`` exist (installing ``packages`` if needed and
+    possible), else the reason why the daemon cannot be had here."""
+    def missing() -> list[str]:
+        return [b for b in binaries if not (shutil.which(b) or os.path.exists(b))]
+    if not missing():
+        return None
+    if os.geteuid() != 0 or not shutil.which("apt-get"):
+        return (f"{', '.join(missing())} missing and cannot be installed here "
+                f"(needs root and apt-get: run {INSTALL_SH})")
+    res = subprocess.run(["bash", str(INSTALL_SH), *packages], capture_output=True,
+                         text=True, timeout=900)
+    if missing():
+        return (f"{', '.join(missing())} still missing after {INSTALL_SH} "
+                f"(exit {res.returncode}): {(res.stdout + res.stderr)[-2000:]}")
+    return None
+
+
+def _skip_if(reason: str | None) -> None:
+    if reason:
+        print(f"SKIP: {reason}")
+        pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlurmCluster]:
+    """A 3-node Slurm cluster (4 CPUs per node, fast scheduling)."""
+    _skip_if(ensure_installed(
+        ["/usr/sbin/slurmctld", "/usr/sbin/slurmd", "sbatch", "/usr/sbin/munged"],
+        ["slurmctld", "slurmd", "slurm-client", "munge"]))
+    if os.geteuid() != 0:
+        _skip_if("starting slurmctld/slurmd/munged needs root")
+    cluster = SlurmCluster.start(tmp_path_factory.mktemp("slurm"))
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def sge_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SgeCluster]:
+    """Grid Engine cell with queue all.q (4 slots) and PE smp."""
+    _skip_if(ensure_installed(
+        ["/usr/lib/gridengine/sge_qmaster", "/usr/lib/gridengine/sge_execd", "qsub"],
+        ["gridengine-master", "gridengine-exec", "gridengine-client"]))
+    if os.geteuid() != 0:
+        _skip_if("starting sge_qmaster/sge_execd needs root")
+    cluster = SgeCluster.start(tmp_path_factory.mktemp("sge"))
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def ssh_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SshServer]:
+    """sshd on 127.0.0.1 logging in the non-root user ``pfuser`` by key."""
+    _skip_if(ensure_installed(["/usr/sbin/sshd", "ssh-keygen", "ssh"], ["openssh-server"]))
+    if os.geteuid() != 0:
+        _skip_if("creating the test user and running sshd on a port needs root")
+    server = SshServer.start(tmp_path_factory.mktemp("sshd"))
+    try:
+        yield server
+    finally:
+        server.stop()
