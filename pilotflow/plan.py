@@ -20,7 +20,8 @@ from pilotflow.bundle import Bundle, Resource, Task
 from pilotflow.errors import BundleError
 from pilotflow.grouping import Group, build_groups
 from pilotflow.packing import Shape, TooFewPilots, solver_name, split, volume_bound
-from pilotflow.simulate import SimGroup, SimPilot, simulate
+from pilotflow.sizing import Counts, Size, Stage, fill_full, hand_out, members, repair, size
+from pilotflow.units import format_duration
 
 # Walltime granularity of each scheduler's directive (Slurm's --time counts minutes).
 WALLTIME_STEP = {"slurm": 60, "pbs": 1, "sge": 1, "local": 1}
@@ -215,35 +216,43 @@ def _topological(tasks: list[Task], indices: list[int], by_name: dict[str, int])
 
 
 def _plan_stage(bundle: Bundle, res: Resource, groups: list[Group], margin: float):
+    """Pilots for one stage: MILP split, full pilots checked alone, remainder sized, all
+    verified together. Returns (pilots, lower bound, solver, tasks moved to the next stage)."""
     tasks = bundle.tasks
-    step = WALLTIME_STEP.get(res.scheduler, 1)
-    cpn, N, Wmax = res.cores_per_node, res.max_nodes, res.max_walltime_s
+    st = Stage(groups, res, margin, WALLTIME_STEP.get(res.scheduler, 1))
     shapes, shape_groups = _shapes(groups, res)
     used_solver = ""
-    if Wmax is None:
-        counts = [{g: len(gr.members) for g, gr in enumerate(groups)}]
+    if st.cap is None:
+        counts: list[Counts] = []
+        rem: Counts = {g: len(gr.members) for g, gr in enumerate(groups)}
+        sizes: list[Size] = []
         lb = 1
     else:
-        lb = volume_bound(shapes, cpn, N, Wmax)
+        cap = int(st.cap)
+        lb = volume_bound(shapes, res.cores_per_node, res.max_nodes, res.max_walltime_s)
         try:
-            sp = split(shapes, cpn, N, Wmax, res.max_pilots)
+            sp = split(shapes, res.cores_per_node, res.max_nodes, cap, res.max_pilots)
         except TooFewPilots as e:
             n_tasks = sum(len(g.members) for g in groups)
             raise BundleError([f"{bundle.where(res.origin + ('max_pilots',))} resource '{res.name}': "
-                               f"its {n_tasks} tasks need at least {e.needed} pilots of {N} node(s) × "
-                               f"{Wmax}s but max_pilots = {res.max_pilots}; raise max_pilots, max_nodes or "
-                               "max_walltime, or move tasks to another resource"]) from None
+                               f"its {n_tasks} tasks need at least {e.needed} pilots of {res.max_nodes} "
+                               f"node(s) × {format_duration(res.max_walltime_s)} but max_pilots = "
+                               f"{res.max_pilots}; raise max_pilots, max_nodes or max_walltime, or move "
+                               "tasks to another resource"]) from None
         used_solver = sp.solver
-        counts = _hand_out(groups, shape_groups, sp.full, sp.x_full, sp.x_rem)
-    sizes = [_size(groups, c, res, margin, step) for c in counts]
-    counts, sizes, overflow = _repair(groups, counts, sizes, res, margin, step)
+        counts, rem = hand_out(groups, shape_groups, sp.full, sp.x_full, sp.x_rem)
+        sizes = fill_full(st, counts, rem)
+    if rem:
+        counts.append(rem)
+        sizes.append(size(st, rem))
+    counts, sizes, overflow = repair(st, counts, sizes)
     pilots = []
-    members = _members(groups, counts + [overflow])
-    for mine, (nodes, wall, span) in zip(members, sizes):
+    per_pilot = members(groups, counts + [overflow])
+    for mine, s in zip(per_pilot, sizes):
         busy = sum(tasks[i].cores * tasks[i].walltime_s for i in mine)
-        pilots.append(PilotPlan(id="", resource=res.name, nodes=nodes, cores_per_node=cpn,
-                                walltime_s=wall, makespan_s=span, tasks=mine, busy_core_s=busy))
-    return pilots, lb, used_solver, members[-1]
+        pilots.append(PilotPlan(id="", resource=res.name, nodes=s.nodes, cores_per_node=res.cores_per_node,
+                                walltime_s=s.walltime, makespan_s=s.span, tasks=mine, busy_core_s=busy))
+    return pilots, lb, used_solver, per_pilot[-1]
 
 
 def effective_cores(cores: int, memory: int, res: Resource) -> int:
@@ -256,162 +265,14 @@ def effective_cores(cores: int, memory: int, res: Resource) -> int:
 def _shapes(groups: list[Group], res: Resource) -> tuple[list[Shape], list[list[int]]]:
     index: dict[tuple[int, int], int] = {}
     shapes: list[Shape] = []
-    members: list[list[int]] = []
+    members_of: list[list[int]] = []
     for gi, g in enumerate(groups):
         key = (min(res.cores_per_node, effective_cores(g.cores, g.memory, res)), g.walltime)
         if key not in index:
             index[key] = len(shapes)
             shapes.append(Shape(key[0], key[1], 0))
-            members.append([])
+            members_of.append([])
         si = index[key]
         shapes[si] = Shape(key[0], key[1], shapes[si].count + len(g.members))
-        members[si].append(gi)
-    return shapes, members
-
-
-def _hand_out(groups: list[Group], shape_groups: list[list[int]], full: int, x_full: list[int],
-              x_rem: list[int]) -> list[dict[int, int]]:
-    """Per pilot, group → count: the remainder takes the lowest-priority tasks of each shape,
-    the full pilots share the rest evenly (rotating who gets the odd ones out)."""
-    counts: list[dict[int, int]] = [{} for _ in range(full)]
-    rem: dict[int, int] = {}
-    turn = 0
-    for si, gids in enumerate(shape_groups):
-        want_rem = x_rem[si]
-        for gi in sorted(gids, key=lambda g: groups[g].rank, reverse=True):
-            k = len(groups[gi].members)
-            r = min(k, want_rem)
-            if r:
-                rem[gi] = r
-                want_rem -= r
-            k -= r
-            if k and full:
-                base, extra = divmod(k, full)
-                for j in range(full):
-                    share = base + (1 if (j - turn) % full < extra else 0)
-                    if share:
-                        counts[j][gi] = counts[j].get(gi, 0) + share
-                turn = (turn + extra) % full
-            elif k:
-                rem[gi] = rem.get(gi, 0) + k
-    if rem:
-        counts.append(rem)
-    return counts
-
-
-def _sub_sim(groups: list[Group], count: dict[int, int]) -> list[SimGroup]:
-    """Sim groups for one pilot on its own (dependencies on other pilots count as met)."""
-    return [SimGroup(cores=g.cores, walltime=g.walltime, memory=g.memory, deps=g.deps, rank=g.rank,
-                     count={0: count[gi]} if count.get(gi) else {}) for gi, g in enumerate(groups)]
-
-
-def _walltime(span: float, margin: float, step: int, wmax: int | None) -> int:
-    w = math.ceil(span * (1 + margin) / step - 1e-9) * step
-    w = max(w, step)
-    return min(w, wmax) if wmax is not None else w
-
-
-def _node_options(n_max: int, min_nodes: int) -> list[int]:
-    if n_max <= 16:
-        return list(range(min_nodes, n_max + 1))
-    opts = {n for n in (1, 2, 3, 4, 6, 8, 12, 16) if n <= n_max} | {n_max}
-    k = 24
-    while k < n_max:
-        opts.add(k)
-        k = k * 3 // 2
-    return sorted(o for o in opts if o >= min_nodes)
-
-
-def _size(groups: list[Group], count: dict[int, int], res: Resource, margin: float,
-          step: int) -> tuple[int, int, float]:
-    """(nodes, walltime, makespan) of the cheapest node count that fits the pilot's work."""
-    sim = _sub_sim(groups, count)
-    cpn, wmax = res.cores_per_node, res.max_walltime_s
-    volume = sum(groups[g].cores * groups[g].walltime * k for g, k in count.items())
-    min_nodes = max((groups[g].nodes for g in count), default=1)
-    best = None
-    for n in _node_options(res.max_nodes, min_nodes):
-        if wmax is not None and volume / (n * cpn) > wmax:
-            continue
-        r = simulate(sim, [SimPilot(n, cpn, res.memory_per_node_mb)], steal=False)
-        span = r.makespan[0]
-        if wmax is not None and span > wmax:
-            continue
-        wall = _walltime(span, margin, step, wmax)
-        key = (n * wall, wall, n)
-        if best is None or key < best[0]:
-            best = (key, (n, wall, span))
-    if best is None:  # even the largest pilot is too small: the repair step splits the work
-        n = res.max_nodes
-        r = simulate(sim, [SimPilot(n, cpn, res.memory_per_node_mb)], steal=False)
-        return n, _walltime(r.makespan[0], margin, step, wmax), r.makespan[0]
-    return best[1]
-
-
-def _repair(groups: list[Group], counts: list[dict[int, int]], sizes: list[tuple[int, int, float]],
-            res: Resource, margin: float, step: int):
-    """Simulate all pilots together and fix what does not fit.
-
-    Returns (counts, sizes, overflow): overflow (group → count) is work this stage cannot
-    finish because its dependencies end too late; the caller moves it to the next stage.
-    """
-    wmax = res.max_walltime_s
-    overflow: dict[int, int] = {}
-    while True:
-        keep = [p for p, c in enumerate(counts) if c]
-        counts, sizes = [counts[p] for p in keep], [sizes[p] for p in keep]
-        if not counts:
-            return counts, sizes, overflow
-        sim = [SimGroup(cores=g.cores, walltime=g.walltime, memory=g.memory, deps=g.deps, rank=g.rank,
-                        count={p: c[gi] for p, c in enumerate(counts) if c.get(gi)})
-               for gi, g in enumerate(groups)]
-        pilots = [SimPilot(n, res.cores_per_node, res.memory_per_node_mb, None if wmax is None else w)
-                  for n, w, _ in sizes]
-        r = simulate(sim, pilots)
-        if r.complete:
-            return counts, sizes, overflow
-        grown = False
-        for p, left in enumerate(r.left):
-            if left and sizes[p][:2] != (res.max_nodes, wmax):
-                sizes[p] = (res.max_nodes, wmax, sizes[p][2])
-                grown = True
-        if grown:
-            continue
-        extra: dict[int, int] = {}
-        for p, left in enumerate(r.left):
-            for gi, k in left.items():
-                counts[p][gi] -= k
-                if not counts[p][gi]:
-                    del counts[p][gi]
-                extra[gi] = extra.get(gi, 0) + k
-        blocked = any(groups[gi].deps for gi in extra)
-        if blocked:
-            for gi, k in extra.items():
-                overflow[gi] = overflow.get(gi, 0) + k
-            continue
-        # a capacity shortfall (the lane model was optimistic): the pilot with the most slack
-        # takes the work if it still fits one pilot, otherwise one more pilot does
-        target = min(range(len(counts)), key=lambda p: sizes[p][1])
-        merged = dict(counts[target])
-        for gi, k in extra.items():
-            merged[gi] = merged.get(gi, 0) + k
-        size = _size(groups, merged, res, margin, step)
-        if wmax is None or size[2] <= wmax:
-            counts[target], sizes[target] = merged, size
-        else:
-            counts.append(extra)
-            sizes.append(_size(groups, extra, res, margin, step))
-
-
-def _members(groups: list[Group], counts: list[dict[int, int]]) -> list[list[int]]:
-    """Concrete task indices per pilot: consecutive slices of each group's members."""
-    cursor: dict[int, int] = {}
-    out = []
-    for count in counts:
-        members: list[int] = []
-        for gi in sorted(count, key=lambda g: groups[g].rank):
-            start = cursor.get(gi, 0)
-            members.extend(groups[gi].members[start:start + count[gi]])
-            cursor[gi] = start + count[gi]
-        out.append(members)
-    return out
+        members_of[si].append(gi)
+    return shapes, members_of

@@ -135,6 +135,8 @@ def simulate(groups: list[SimGroup], pilots: list[SimPilot], *, steal: bool = Tr
                 k = min(k, int(node.mem // g.memory))
             left[gi][src] -= k
             own_unclaimed[src] -= k
+            if own_unclaimed[src] == 0 and src not in exhausted_set:
+                just_exhausted.add(src)
             if left[gi][src] == 0:
                 _drop(ready_own[src], (g.rank, gi))
                 if not any(left[gi].values()):
@@ -147,22 +149,44 @@ def simulate(groups: list[SimGroup], pilots: list[SimPilot], *, steal: bool = Tr
             ran[p][gi] = ran[p].get(gi, 0) + k
         node.hungry = node.free > 0
 
-    def fill(candidates: list[int], now: float) -> None:
-        # At one instant, owners first claim their own work, then idle pilots steal.
+    exhausted_set: set[int] = set()  # pilots whose own tokens are all claimed (may steal)
+    just_exhausted: set[int] = {p for p in range(n_p) if own_unclaimed[p] == 0}
+    pilot_nodes: list[list[int]] = [[] for _ in range(n_p)]
+    for i, node in enumerate(nodes):
+        pilot_nodes[node.pilot].append(i)
+
+    def fill(candidates, now: float, released: bool) -> None:
+        # At one instant, owners first claim their own work, then idle pilots steal. A node
+        # that could not steal before can only succeed now if it freed cores, if work was
+        # released, or if its pilot just ran out of its own work.
         for i in candidates:
             take(i, now, False)
-        if steal and ready_all:
-            for i, node in enumerate(nodes):
-                if node.hungry and not own_unclaimed[node.pilot] and pilots[node.pilot].start <= now:
-                    take(i, now, True)
+        for p in range(n_p):
+            if own_unclaimed[p] == 0 and p not in just_exhausted and p not in exhausted_set:
+                just_exhausted.add(p)
+        if not steal or not ready_all:
+            just_exhausted.clear()
+            return
+        thieves = set(i for i in candidates if not own_unclaimed[nodes[i].pilot])
+        for p in just_exhausted:
+            thieves.update(pilot_nodes[p])
+            exhausted_set.add(p)
+        just_exhausted.clear()
+        if released:
+            for p in exhausted_set:
+                thieves.update(pilot_nodes[p])
+        for i in sorted(thieves):
+            node = nodes[i]
+            if node.hungry and pilots[node.pilot].start <= now:
+                take(i, now, True)
 
     now = min((p.start for p in pilots), default=0.0)
     pending_starts = sorted({p.start for p in pilots if p.start > now})
-    fill([i for i, node in enumerate(nodes) if pilots[node.pilot].start <= now], now)
+    fill([i for i, node in enumerate(nodes) if pilots[node.pilot].start <= now], now, True)
     while events or pending_starts:
         if pending_starts and (not events or pending_starts[0] < events[0][0]):  # ends first
             now = pending_starts.pop(0)
-            fill([i for i, node in enumerate(nodes) if pilots[node.pilot].start == now], now)
+            fill([i for i, node in enumerate(nodes) if pilots[node.pilot].start == now], now, True)
             continue
         now = events[0][0]
         freed: set[int] = set()
@@ -188,7 +212,7 @@ def simulate(groups: list[SimGroup], pilots: list[SimPilot], *, steal: bool = Tr
                         released = True
         if released:
             freed.update(i for i, node in enumerate(nodes) if node.hungry and pilots[node.pilot].start <= now)
-        fill(sorted(freed), now)
+        fill(sorted(freed), now, released)
     unfinished = {gi: total[gi] for gi in range(len(groups)) if total[gi]}
     left_by_pilot: list[dict[int, int]] = [{} for _ in range(n_p)]
     for gi in unfinished:

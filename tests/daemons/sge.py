@@ -173,7 +173,8 @@ class SgeCluster:
         # root's jobs go to Eqw unless min_uid/min_gid are 0; the file must be
         # named "global"; fast flushes so qacct sees jobs within a second.
         conf = self.run(["qconf", "-sconf"]).stdout
-        conf = "\n".join(_set(line, {"min_uid": "0", "min_gid": "0"})
+        conf = "\n".join(_set(line, {"min_uid": "0", "min_gid": "0",
+                                      "load_report_time": "00:00:05"})
                          for line in conf.splitlines() if not line.startswith("#"))
         conf = conf.replace("flush_time=00:00:15", "flush_time=00:00:01")
         self._qconf("-Mconf", self._write("global", conf + "\n"))

@@ -51,10 +51,12 @@ def test_margin_and_slurm_minute_granularity():
     assert p.makespan_s == 200 and p.walltime_s == 240  # 220 s rounded up to whole minutes
 
 
-def test_margin_never_exceeds_max_walltime():
-    plan = make_plan(bundle(same(2, walltime_s=3600), slurm(cores_per_node=1, max_nodes=1, max_walltime_s=7200)),
-                     margin=0.5)
-    assert [p.walltime_s for p in plan.pilots] == [7200]
+def test_margin_is_reserved_and_never_exceeds_max_walltime():
+    res = slurm(cores_per_node=1, max_nodes=1, max_walltime_s=7200)
+    plan = make_plan(bundle(same(2, walltime_s=3600), res), margin=0.5)
+    assert [p.walltime_s for p in plan.pilots] == [5400, 5400]  # 2 h of work would leave no margin
+    plan = make_plan(bundle(same(1, walltime_s=7000), res), margin=0.5)
+    assert [p.walltime_s for p in plan.pilots] == [7200]  # a task as long as the limit squeezes it
 
 
 def test_local_resource_is_one_pilot_without_limit():
@@ -66,12 +68,12 @@ def test_local_resource_is_one_pilot_without_limit():
 def test_max_pilots_too_small_is_a_bundle_error_with_the_needed_count():
     b = bundle_from_dict({"bundle": {"name": "b"}, "resource": [
         {"name": "c", "scheduler": "slurm", "cores_per_node": 16, "max_nodes": 2, "max_walltime": "4h",
-         "max_pilots": 3}], "task": [{"name": "t{i}", "command": "x", "matrix": {"i": "1..700"},
+         "max_pilots": 3, "walltime_margin": 0}], "task": [{"name": "t{i}", "command": "x", "matrix": {"i": "1..700"},
                                       "cores": 2, "walltime": "30m"}]})
     with pytest.raises(BundleError) as e:
         make_plan(b)
     assert e.value.problems == ["<bundle>: [resource.max_pilots] resource 'c': its 700 tasks need at least 6 pilots "
-                                "of 2 node(s) × 14400s but max_pilots = 3; raise max_pilots, max_nodes or "
+                                "of 2 node(s) × 4h but max_pilots = 3; raise max_pilots, max_nodes or "
                                 "max_walltime, or move tasks to another resource"]
 
 
