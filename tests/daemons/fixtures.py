@@ -15,7 +15,7 @@ import os
 import shutil
 import subprocess
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 import pytest
 
@@ -46,6 +46,24 @@ def ensure_installed(binaries: list[str], packages: list[str]) -> str | None:
     return None
 
 
+_SHARED: dict[str, list] = {}  # name -> [daemon, users]
+
+
+def _shared(name: str, start: Callable[[], Any]) -> Iterator[Any]:
+    """Start a daemon once per process even when these fixtures are registered
+    twice (e.g. imported by tests/conftest.py and by a test module): pytest
+    would then run each copy, and a second Grid Engine cell cannot start."""
+    if name not in _SHARED:
+        _SHARED[name] = [start(), 0]
+    _SHARED[name][1] += 1
+    try:
+        yield _SHARED[name][0]
+    finally:
+        _SHARED[name][1] -= 1
+        if _SHARED[name][1] == 0:
+            _SHARED.pop(name)[0].stop()
+
+
 def _skip_if(reason: str | None) -> None:
     if reason:
         print(f"SKIP: {reason}")
@@ -60,11 +78,7 @@ def slurm_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlurmClu
         ["slurmctld", "slurmd", "slurm-client", "munge"]))
     if os.geteuid() != 0:
         _skip_if("starting slurmctld/slurmd/munged needs root")
-    cluster = SlurmCluster.start(tmp_path_factory.mktemp("slurm"))
-    try:
-        yield cluster
-    finally:
-        cluster.stop()
+    yield from _shared("slurm", lambda: SlurmCluster.start(tmp_path_factory.mktemp("slurm")))
 
 
 @pytest.fixture(scope="session")
@@ -75,11 +89,7 @@ def sge_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SgeCluster
         ["gridengine-master", "gridengine-exec", "gridengine-client"]))
     if os.geteuid() != 0:
         _skip_if("starting sge_qmaster/sge_execd needs root")
-    cluster = SgeCluster.start(tmp_path_factory.mktemp("sge"))
-    try:
-        yield cluster
-    finally:
-        cluster.stop()
+    yield from _shared("sge", lambda: SgeCluster.start(tmp_path_factory.mktemp("sge")))
 
 
 @pytest.fixture(scope="session")
@@ -88,8 +98,4 @@ def ssh_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SshServer]:
     _skip_if(ensure_installed(["/usr/sbin/sshd", "ssh-keygen", "ssh"], ["openssh-server"]))
     if os.geteuid() != 0:
         _skip_if("creating the test user and running sshd on a port needs root")
-    server = SshServer.start(tmp_path_factory.mktemp("sshd"))
-    try:
-        yield server
-    finally:
-        server.stop()
+    yield from _shared("ssh", lambda: SshServer.start(tmp_path_factory.mktemp("sshd")))

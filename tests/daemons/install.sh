@@ -15,7 +15,7 @@ PACKAGES=(slurmctld slurmd slurm-client munge
           openssh-server openmpi-bin libopenmpi-dev chromium)
 if [ "$#" -gt 0 ]; then PACKAGES=("$@"); fi
 
-if [ "$(id -u)" -ne 0 ]; then
+if [ "${EUID:-$(id -u)}" -ne 0 ]; then
     echo "install.sh: not root: skipping the daemon package install"
     exit 0
 fi

@@ -10,7 +10,13 @@ config is found through the ``SLURM_CONF`` environment variable (see ``.env``),
 which sbatch, squeue, scontrol, scancel, sinfo and srun (also inside jobs, as
 sbatch exports the environment) all honour, so /etc/slurm is never written.
 munged is shared system-wide: it is started (as user munge) when not running and
-stopped again by ``stop()`` only if this instance started it.
+stopped again by ``stop()`` only if this instance started it and no other
+cluster of ours is running.
+
+Every daemon runs in the foreground as our child, tagged with its workdir in
+its environment, so a later start can tell leftovers of a crashed test process
+from a foreign Slurm. The process helpers at the top (also used by sge.py and
+sshd.py) read /proc directly: no psutil in the test dependencies.
 """
 from __future__ import annotations
 
@@ -105,13 +111,14 @@ def free_ports(count: int, start: int = 16817) -> list[int]:
     raise RuntimeError("no free port range found")
 
 
-def stale(tag: Path, workdir: Path | None) -> bool:
-    """May daemons tagged with ``tag`` be stopped by a start in ``workdir``?
-    Yes for the same workdir, or when the test process that owns it is gone."""
+def stale(tag: Path, workdir: Path | None, tagged: bool = True) -> bool:
+    """May daemons of directory ``tag`` be stopped by a start in ``workdir``?
+    Yes for the same workdir, or when the test process owning it is gone. A
+    missing marker means "ours, its dir deleted" only for ``tagged`` processes."""
     try:
         owner = int((tag / MARKER).read_text().split()[0])
     except (OSError, ValueError, IndexError):
-        return True  # its workdir is gone: nobody can still use it
+        return tagged
     return tag == workdir or not pid_alive(owner)
 
 
@@ -182,7 +189,7 @@ class SlurmCluster:
     def cleanup_leftovers(workdir: Path | None = None) -> None:
         """Stop daemons and job steps of ``workdir`` or of a dead test process."""
         kill_job_steps(lambda path: Path(path).name.startswith("slurmd-")
-                       and stale(Path(path).parent.parent, workdir))
+                       and stale(Path(path).parent.parent, workdir, tagged=False))
         terminate(tagged_pids(TAG, lambda tag: stale(tag, workdir)))
 
     def restart(self, fast: bool | None = None) -> None:

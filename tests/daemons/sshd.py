@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from tests.daemons.slurm import (MARKER, descendants, log_tail, make_traversable,
-                                 procs_named, terminate)
+                                 procs_named, stale, terminate)
 
 SSHD = "/usr/sbin/sshd"
 
@@ -71,6 +71,7 @@ class SshServer:
         w = server.workdir
         if w in _LIVE:
             _LIVE.pop(w).stop()
+        cls.cleanup_leftovers(w)
         w.mkdir(parents=True, exist_ok=True)
         make_traversable(w)  # sshd reads authorized_keys as the user
         (w / MARKER).write_text(f"{os.getpid()}\n")
@@ -123,6 +124,15 @@ Subsystem sftp internal-sftp
         _LIVE[w] = server
         return server
 
+    @staticmethod
+    def cleanup_leftovers(workdir: Path | None = None) -> None:
+        """Stop sshd listeners of ``workdir`` or of a test process that died."""
+        def stale_listener(argv: list[str]) -> bool:
+            words = " ".join(argv).split()
+            conf = words[words.index("-f") + 1] if "-f" in words[:-1] else "/etc/ssh/x"
+            return "[listener]" in words and stale(Path(conf).parent, workdir, tagged=False)
+        terminate([pid for pid, argv in procs_named("sshd").items() if stale_listener(argv)])
+
     def _start(self, timeout: float) -> None:
         check = subprocess.run([SSHD, "-t", "-f", str(self.config_path)],
                                capture_output=True, text=True)
@@ -143,6 +153,8 @@ Subsystem sftp internal-sftp
                         return
             except OSError:
                 time.sleep(0.05)
+        self._proc.kill()
+        self._proc.wait()
         raise RuntimeError(f"sshd not answering on port {self.port} after {timeout:.0f} s\n"
                            + log_tail(self.log_path))
 
