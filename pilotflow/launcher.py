@@ -1,0 +1,1007 @@
+#!/usr/bin/env python3
+"""pilotflow launcher: the program every pilot runs, and the token-pool protocol.
+
+ONE FILE, STANDARD LIBRARY ONLY, PYTHON 3.6 SYNTAX. It is carried inside every batch script
+and runs on clusters we do not control; the client imports the same file for the pool
+protocol, so there is exactly one definition of a token's states and transitions.
+
+Pool layout (``POOL`` = ROOT/RUN on the resource's shared filesystem)::
+
+    run.json                 run metadata (lock_timeout, work directory, ...)
+    defs/NNNNNN.json         token definitions, in batches; never rewritten (new batches may appear)
+    plans/PILOT.json         a pilot's planned tokens (in order) and its stage
+    state/TOKEN.json         one state file per token, written atomically (tmp + rename)
+    claims/TOKEN.N           attempt N of TOKEN belongs to whoever created this file (O_EXCL);
+                             it holds the lock record (pilot, host, start): while it is the
+                             newest attempt, the token is ``locked``
+    returns/TOKEN.N          a note that TOKEN went back to todo after attempt N (wakes idle pilots)
+    agents/PILOT.I.json      a launcher's record; its mtime is the heartbeat
+    agents/PILOT.I.end       written when that launcher exits, with the reason
+    logs/TOKEN.N.out|.err    stdout / stderr of attempt N
+    work/                    the tasks' working directory (unless run.json names another)
+
+States are PiCaS's: ``todo`` (no state file also means todo), ``locked``, ``done``, ``error``.
+A token runs only after its claim file for the next attempt was created exclusively, so no
+token runs twice at the same time whatever the number of pilots and nodes. The claim file is
+the ``locked`` record, so a task costs one exclusive create and one state write. Writes are
+tmp-file + rename (atomic on POSIX filesystems, NFS and Lustre included); nothing is fsynced
+on the hot path.
+
+Commands: ``run`` (be a pilot's node agent) and helpers the client calls, locally or over
+SSH, in one round trip each: ``changes``, ``scrub``, ``info``.
+"""
+
+import errno
+import json
+import os
+import select
+import signal
+import socket
+import sys
+import time
+
+TODO, LOCKED, DONE, ERROR = "todo", "locked", "done", "error"
+FINAL = (DONE, ERROR)
+LOST_LIMIT = 5  # attempts lost to dying pilots before a token is given up as error
+VERSION = 1
+
+
+# --- files ---------------------------------------------------------------------------------
+
+def write_atomic(path, data):
+    """Write bytes so that readers see the old file or the new one, never a part."""
+    tmp = "%s.%d.tmp" % (path, os.getpid())
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        view = memoryview(data)
+        while view:
+            n = os.write(fd, view)
+            view = view[n:]
+    finally:
+        os.close(fd)
+    os.rename(tmp, path)
+
+
+def dump(obj):
+    return json.dumps(obj, separators=(",", ":"), sort_keys=True).encode("utf-8")
+
+
+def read_json(path):
+    """The JSON in ``path``, or None if it is missing, half-written by a crash, or garbage."""
+    try:
+        with open(path, "rb") as f:
+            return json.loads(f.read().decode("utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def fs_now(directory):
+    """The filesystem's clock (not ours): the mtime of a file we just touched.
+
+    Heartbeats are compared with this, so clock skew between nodes and the file server does
+    not make live pilots look dead.
+    """
+    probe = os.path.join(directory, ".clock.%s.%d" % (socket.gethostname(), os.getpid()))
+    with open(probe, "w"):
+        pass
+    t = os.stat(probe).st_mtime
+    os.unlink(probe)
+    return t
+
+
+# --- the pool ------------------------------------------------------------------------------
+
+class Pool(object):
+    """A run's token pool on a (shared) filesystem."""
+
+    SUBDIRS = ("defs", "plans", "state", "claims", "returns", "agents", "logs", "work")
+
+    def __init__(self, root):
+        self.root = os.path.abspath(root)
+        self.meta = read_json(os.path.join(self.root, "run.json")) or {}
+
+    def path(self, *parts):
+        return os.path.join(self.root, *parts)
+
+    # creation (client side) ------------------------------------------------------------
+    @classmethod
+    def create(cls, root, meta):
+        for d in cls.SUBDIRS:
+            mkdirs(os.path.join(root, d))
+        write_atomic(os.path.join(root, "run.json"), dump(meta))
+        return cls(root)
+
+    def add_defs(self, tokens):
+        """Append a batch of token definitions (dicts with name, command, cores, ...)."""
+        existing = sorted(os.listdir(self.path("defs")))
+        n = int(existing[-1].split(".")[0]) + 1 if existing else 0
+        write_atomic(self.path("defs", "%06d.json" % n), dump(tokens))
+        return n
+
+    def write_plan(self, pilot, tokens, stage=0, extra=None):
+        doc = {"pilot": pilot, "tokens": list(tokens), "stage": stage}
+        doc.update(extra or {})
+        write_atomic(self.path("plans", pilot + ".json"), dump(doc))
+
+    # reading -----------------------------------------------------------------------------
+    def defs(self, seen=None):
+        """All token definitions in batch order; with ``seen`` (a set of batch file names),
+        only batches not seen before, and ``seen`` is updated."""
+        out = []
+        for fn in sorted(os.listdir(self.path("defs"))):
+            if not fn.endswith(".json") or (seen is not None and fn in seen):
+                continue
+            batch = read_json(self.path("defs", fn))
+            if batch is None:
+                continue  # being written; picked up next time
+            if seen is not None:
+                seen.add(fn)
+            out.extend(batch)
+        return out
+
+    def plans(self):
+        out = {}
+        for fn in os.listdir(self.path("plans")):
+            if fn.endswith(".json"):
+                doc = read_json(self.path("plans", fn))
+                if doc:
+                    out[doc["pilot"]] = doc
+        return out
+
+    def state(self, name):
+        """A token's state: its state file, unless a newer attempt was claimed (locked).
+
+        No state file means todo; a garbage state file (a crash, a full disk) falls back to
+        the newest claim, so the token is never lost.
+        """
+        doc = read_json(self.path("state", name + ".json"))
+        if doc is None or doc.get("state") not in (TODO, LOCKED, DONE, ERROR):
+            garbage = os.path.exists(self.path("state", name + ".json"))
+            attempt = self.last_claim(name) if garbage else 0
+            doc = {"token": name, "state": TODO, "attempt": attempt, "failures": 0}
+            if garbage:
+                doc["reason"] = "state file was unreadable"
+                return self._newer_claim(name, doc, attempt) or doc
+        return self._newer_claim(name, doc, int(doc.get("attempt", 0)) + 1) or doc
+
+    def _newer_claim(self, name, doc, attempt):
+        path = self.path("claims", "%s.%d" % (name, attempt))
+        if not os.path.exists(path):
+            return None
+        lock = read_json(path)
+        if not isinstance(lock, dict) or lock.get("token") != name:
+            lock = {"token": name, "attempt": attempt}  # being written, or an old-style claim
+        lock = dict(lock, state=LOCKED, attempt=attempt)
+        for k in ("failures", "lost", "scrubs"):
+            lock.setdefault(k, doc.get(k, 0))
+        return lock
+
+    def last_claim(self, name):
+        prefix = name + "."
+        best = 0
+        for fn in os.listdir(self.path("claims")):
+            if fn.startswith(prefix) and fn[len(prefix):].isdigit():
+                best = max(best, int(fn[len(prefix):]))
+        return best
+
+    def states(self, since=None):
+        """Every token with a state file or a claim (name → state), or only those changed at
+        or after ``since``. Two directory scans, whatever the number of tokens."""
+        out = {}
+        with os.scandir(self.path("state")) as it:
+            for e in it:
+                if not e.name.endswith(".json"):
+                    continue
+                if since is not None and e.stat().st_mtime < since:
+                    continue
+                doc = read_json(e.path)
+                if doc is not None:
+                    out[e.name[:-5]] = doc
+        newest = {}
+        with os.scandir(self.path("claims")) as it:
+            for e in it:
+                name, _, n = e.name.rpartition(".")
+                if not n.isdigit():
+                    continue
+                if since is not None and e.stat().st_mtime < since:
+                    continue
+                n = int(n)
+                if n > newest.get(name, (0, None))[0]:
+                    newest[name] = (n, e.path)
+        for name, (n, path) in newest.items():
+            cur = out.get(name)
+            if cur is None and since is not None:
+                cur = read_json(self.path("state", name + ".json"))
+            if cur is not None and int(cur.get("attempt", 0)) >= n:
+                continue
+            lock = read_json(path)
+            if not isinstance(lock, dict) or lock.get("token") != name:
+                lock = {"token": name}
+            lock = dict(lock, state=LOCKED, attempt=n)
+            for k in ("failures", "lost", "scrubs"):
+                lock.setdefault(k, (cur or {}).get(k, 0))
+            out[name] = lock
+        return out
+
+    def agents(self):
+        """Launcher records with their heartbeat (mtime) and end marker, if any."""
+        out = {}
+        d = self.path("agents")
+        for fn in os.listdir(d):
+            if not fn.endswith(".json"):
+                continue
+            key = fn[:-5]
+            rec = read_json(os.path.join(d, fn)) or {}
+            try:
+                rec["beat"] = os.stat(os.path.join(d, fn)).st_mtime
+            except OSError:
+                continue
+            end = read_json(os.path.join(d, key + ".end"))
+            if end is not None:
+                rec["end"] = end
+            out[key] = rec
+        return out
+
+    def dead_agents(self, timeout, now=None):
+        now = fs_now(self.path("agents")) if now is None else now
+        return set(k for k, rec in self.agents().items()
+                   if "end" in rec or now - rec["beat"] > timeout)
+
+    # transitions ---------------------------------------------------------------------------
+    def claim(self, name, attempt, owner):
+        """Create claims/NAME.ATTEMPT exclusively: True if it is ours now."""
+        try:
+            fd = os.open(self.path("claims", "%s.%s" % (name, attempt)),
+                         os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except OSError as e:
+            if e.errno == errno.EEXIST:
+                return False
+            raise
+        os.write(fd, owner)
+        os.close(fd)
+        return True
+
+    def put(self, name, doc):
+        write_atomic(self.path("state", name + ".json"), dump(doc))
+
+    def release(self, name, doc, reason, give_up_after=None):
+        """Hand a lost attempt (its launcher died or stopped) back to todo, exactly once.
+
+        ``claims/NAME.N.x`` marks attempt N as handed back: whoever creates it first (the
+        launcher itself on SIGTERM, its reaper, another pilot taking over a stale lock, or
+        ``retry --stale``) writes the todo state; a launcher still running attempt N kills it
+        when it sees the marker. Returns the new state, or None if someone else did it.
+        """
+        attempt = int(doc.get("attempt", 0))
+        if not self.claim("%s.%d" % (name, attempt), "x", b"release"):
+            return None
+        lost = int(doc.get("lost", 0)) + 1
+        new = dict(doc, state=TODO, lost=lost, end=doc.get("end") or time.time(), reason=reason, exit_code=None)
+        if give_up_after is not None and lost > give_up_after:
+            new.update(state=ERROR, reason="%s; lost %d times, giving up" % (reason, lost))
+        self.put(name, new)
+        if new["state"] == TODO:
+            self.note_return(name, attempt)
+        return new
+
+    def released(self, name, attempt):
+        return os.path.exists(self.path("claims", "%s.%d.x" % (name, attempt)))
+
+    def note_return(self, name, attempt):
+        try:
+            os.close(os.open(self.path("returns", "%s.%d" % (name, attempt)), os.O_WRONLY | os.O_CREAT, 0o644))
+        except OSError:
+            pass
+
+    def scrub(self, failed=False, stale=False, names=None, timeout=None, reason=""):
+        """PiCaS scrubbing: error (``failed``) and stale-locked (``stale``) tokens back to todo.
+
+        A stale token is first claimed for its next attempt, so a pilot that is only slow
+        cannot be overtaken twice. Returns the names scrubbed.
+        """
+        dead = self.dead_agents(timeout if timeout is not None else self.lock_timeout()) if stale else set()
+        done = []
+        for name, doc in sorted(self.states().items()):
+            if names is not None and name not in names:
+                continue
+            st = doc.get("state")
+            if failed and st == ERROR:
+                new = dict(doc, state=TODO, failures=0, scrubs=doc.get("scrubs", 0) + 1,
+                           reason=reason or "scrubbed after error", exit_code=None)
+                self.put(name, new)
+                self.note_return(name, doc.get("attempt", 0))
+                done.append(name)
+            elif stale and st == LOCKED and agent_key(doc) in dead:
+                if self.release(name, doc, reason or "pilot %s stopped while running it" % doc.get("pilot")):
+                    done.append(name)
+        return done
+
+    def lock_timeout(self):
+        return float(self.meta.get("lock_timeout", 300))
+
+    def workdir(self):
+        w = self.meta.get("workdir") or "work"
+        return w if os.path.isabs(w) else self.path(w)
+
+
+def agent_key(doc):
+    return "%s.%s" % (doc.get("pilot"), doc.get("agent", 0))
+
+
+def mkdirs(path):
+    try:
+        os.makedirs(path)
+    except OSError as e:
+        if e.errno != errno.EEXIST:
+            raise
+
+
+# --- tokens in a launcher's memory ----------------------------------------------------------
+
+class Token(object):
+    __slots__ = ("name", "command", "cores", "walltime", "memory", "env", "deps", "retries", "rank",
+                 "stage", "own", "status", "attempt", "failures", "lost", "unmet", "queued", "scrubs")
+
+    def __init__(self, d, rank):
+        self.name = d["name"]
+        self.command = d["command"]
+        self.cores = int(d.get("cores", 1))
+        self.walltime = float(d.get("walltime", 600))
+        self.memory = int(d.get("memory") or 0)
+        self.env = d.get("env") or []
+        self.deps = d.get("after") or []
+        self.retries = int(d.get("retries", 0))
+        self.rank = rank
+        self.stage = 0
+        self.own = False
+        self.status = TODO  # TODO | "other" (claimed elsewhere, not known final) | LOCKED (ours) | DONE | ERROR
+        self.attempt = 0
+        self.failures = 0
+        self.lost = 0
+        self.scrubs = 0
+        self.unmet = 0
+        self.queued = False
+
+
+# --- the reaper: tasks never outlive their launcher -------------------------------------------
+
+def start_reaper(pool_root, pilot, agent):
+    """Fork a watcher in its own session that holds the read end of a pipe. If the launcher
+    dies, even by SIGKILL, the pipe closes and the watcher kills the tasks still registered
+    and hands their tokens back to todo. Returns the write end (or None if fork failed)."""
+    r, w = os.pipe()
+    try:
+        pid = os.fork()
+    except OSError:
+        os.close(r)
+        os.close(w)
+        return None
+    if pid:
+        os.close(r)
+        return w
+    try:
+        os.close(w)
+        os.setsid()
+        for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1):
+            signal.signal(s, signal.SIG_IGN)
+        live = {}
+        buf = b""
+        while True:
+            chunk = os.read(r, 65536)
+            if not chunk:
+                break
+            buf += chunk
+            while b"\n" in buf:
+                line, buf = buf.split(b"\n", 1)
+                parts = line.decode("utf-8").split(" ")
+                if parts[0] == "+":
+                    live[int(parts[1])] = (parts[2], int(parts[3]))
+                elif parts[0] == "-":
+                    live.pop(int(parts[1]), None)
+        if live:
+            kill_groups(list(live), grace=0.0)
+            pool = Pool(pool_root)
+            for pgid, (name, attempt) in live.items():
+                doc = pool.state(name)
+                if doc.get("state") == LOCKED and doc.get("attempt") == attempt:
+                    pool.release(name, doc, "launcher of pilot %s died; its task was killed" % pilot)
+    finally:
+        os._exit(0)
+
+
+def kill_groups(pgids, grace):
+    """SIGTERM (then SIGKILL after ``grace`` seconds) every process group; wait until gone."""
+    for sig in ((signal.SIGTERM, signal.SIGKILL) if grace > 0 else (signal.SIGKILL,)):
+        for g in pgids:
+            try:
+                os.killpg(g, sig)
+            except OSError:
+                pass
+        deadline = time.time() + (grace if sig == signal.SIGTERM else 5.0)
+        while time.time() < deadline:
+            alive = [g for g in pgids if _group_alive(g)]
+            if not alive:
+                return
+            time.sleep(0.02)
+
+
+def _group_alive(pgid):
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except OSError as e:
+        return e.errno == errno.EPERM
+
+
+# --- the node agent ----------------------------------------------------------------------------
+
+class Agent(object):
+    """One launcher: claims tokens for one node's cores until no claimable work remains.
+
+    Claim order (the planner's simulator follows the same policy): the claimable token of
+    best rank that fits the free cores, free memory and remaining walltime, first among the
+    pilot's own planned tokens; once those are all claimed, other tokens of the same or an
+    earlier stage (stealing), but only ones claimable for ``steal_delay`` seconds so that
+    their owner gets them first.
+    """
+
+    def __init__(self, pool, pilot, agent=0, cores=1, memory=0, walltime=None, stage=0,
+                 lock_timeout=None, idle_timeout=0.0, poll=0.5, steal_delay=1.0, warn_grace=10.0):
+        self.pool = pool
+        self.pilot = pilot
+        self.agent = agent
+        self.key = "%s.%d" % (pilot, agent)
+        self.cores = self.free = cores
+        self.memory = self.mem_free = memory  # 0: not limited
+        self.started = time.time()
+        self.deadline = None if not walltime else self.started + walltime
+        self.stage = stage
+        self.lock_timeout = lock_timeout if lock_timeout else pool.lock_timeout()
+        self.idle_timeout = idle_timeout
+        self.poll = poll
+        self.steal_delay = steal_delay
+        self.warn_grace = warn_grace
+        self.host = socket.gethostname()
+        self.tokens = {}
+        self.ready_own = []
+        self.ready_other = []
+        self.ready_since = {}
+        self.waiting_on = {}  # dep name → tokens waiting for it
+        self.own_open = set()  # own tokens in todo (claimable or blocked): no stealing while any
+        self.running = {}  # pid → (token, start)
+        self.returns_seen = set()
+        self.defs_seen = set()
+        self.stopping = None
+        self.exit_reason = "no claimable work left"
+        self.reaper = None
+        self.ran = 0
+        env = dict(os.environ)
+        env["PILOTFLOW_RUN"] = pool.meta.get("run", os.path.basename(pool.root))
+        env["PILOTFLOW_PILOT"] = pilot
+        self.base_env = env
+
+    # what we know of tokens -------------------------------------------------------------
+    def set_status(self, t, status):
+        t.status = status
+        if t.own:
+            if status == TODO:
+                self.own_open.add(t.name)
+            else:
+                self.own_open.discard(t.name)
+
+    def load(self):
+        """Read new definition batches (all of them the first time) and the pilots' plans."""
+        plans = self.pool.plans()
+        mine = plans.get(self.pilot, {})
+        self.stage = mine.get("stage", self.stage)
+        owner_stage = {}
+        for p in sorted(plans.values(), key=lambda d: _pilot_number(d["pilot"])):
+            for name in p.get("tokens", []):
+                owner_stage[name] = (p["pilot"], p.get("stage", 0))
+        own_order = dict((n, i) for i, n in enumerate(mine.get("tokens", [])))
+        new = [Token(d, d.get("rank", len(self.tokens) + i)) for i, d in enumerate(self.pool.defs(self.defs_seen))]
+        existing = set(os.listdir(self.pool.path("state")))
+        for t in new:
+            owner = owner_stage.get(t.name)
+            t.stage = owner[1] if owner else 0
+            t.own = owner is not None and owner[0] == self.pilot
+            if t.own:
+                t.rank = own_order.get(t.name, t.rank)
+            self.tokens[t.name] = t
+            if t.name + ".json" in existing:
+                self.absorb(t, self.pool.state(t.name))
+            else:
+                self.set_status(t, TODO)
+        for t in new:
+            self.link(t)
+        return len(new)
+
+    def absorb(self, t, doc):
+        """Take what a state file says about a token into our view of it."""
+        st = doc.get("state", TODO)
+        t.attempt = int(doc.get("attempt", 0))
+        t.failures = int(doc.get("failures", 0))
+        t.lost = int(doc.get("lost", 0))
+        t.scrubs = int(doc.get("scrubs", 0))
+        self.set_status(t, st if st in FINAL or st == TODO else "other")
+
+    def link(self, t):
+        """Count unmet dependencies and queue the token if it is claimable."""
+        if t.status != TODO:
+            return
+        t.unmet = 0
+        for dep in t.deps:
+            d = self.tokens.get(dep)
+            if d is not None and d.status == ERROR:
+                self.fail_dependant(t, dep)
+                return
+            if d is None or d.status != DONE:
+                t.unmet += 1
+                self.waiting_on.setdefault(dep, []).append(t)
+        if t.unmet == 0:
+            self.enqueue(t)
+
+    def enqueue(self, t):
+        if t.queued or t.status != TODO:
+            return
+        t.queued = True
+        if t.own:
+            _insort(self.ready_own, (t.rank, t.name))
+        else:
+            _insort(self.ready_other, (t.rank, t.name))
+            self.ready_since[t.name] = time.time()
+
+    # the loop -------------------------------------------------------------------------------
+    def run(self):
+        self.install_signals()
+        self.record()
+        self.reaper = start_reaper(self.pool.root, self.pilot, self.agent)
+        self.load()
+        os.chdir(self.pool.workdir())
+        last_beat = last_poll = last_stale = time.time()
+        idle_since = time.time()
+        sleep = self.poll
+        beat_every = max(0.5, min(30.0, self.lock_timeout / 5.0))
+        while True:
+            self.reap()
+            if self.stopping == "term":
+                break
+            now = time.time()
+            if self.stopping == "warn" and self.deadline is not None and now >= self.deadline:
+                self.exit_reason = "walltime warning: tokens handed back"
+                break
+            started = 0 if self.stopping else self.fill()
+            if now - last_beat >= beat_every:
+                self.beat()
+                last_beat = now
+            if started or self.running:
+                idle_since = now
+                sleep = self.poll
+            if self.running:
+                if self.free > 0 and now - last_poll >= max(self.poll, 1.0) and not self.stopping:
+                    self.refresh()  # free cores: look for work others made claimable
+                    last_poll = now
+                self.wait(min(sleep, beat_every))
+                continue
+            if self.stopping:
+                break
+            changed = self.refresh()
+            if now - last_stale >= max(1.0, self.lock_timeout / 4.0):
+                changed += self.take_over_stale()
+                last_stale = now
+            if changed:
+                sleep = self.poll
+                continue
+            if not self.worth_waiting() and now - idle_since >= self.idle_timeout:
+                break
+            self.wait(sleep)
+            sleep = min(sleep * 1.5, 5.0)
+        self.shutdown()
+        return 0
+
+    def fill(self):
+        """Claim and start tasks while something fits; returns how many started."""
+        n = 0
+        room = None if self.deadline is None else self.deadline - time.time()
+        while self.free > 0:
+            t = self.pick(self.ready_own, room, False)
+            if t is None and not self.own_open:
+                t = self.pick(self.ready_other, room, True)
+            if t is None:
+                break
+            t.attempt += 1
+            now = time.time()
+            lock = self.doc(t, LOCKED, start=now, end=None, exit_code=None, reason="", pid=os.getpid())
+            if not self.pool.claim(t.name, t.attempt, dump(lock)):
+                t.attempt -= 1
+                self.set_status(t, "other")
+                continue
+            self.start(t, now)
+            n += 1
+        return n
+
+    def pick(self, ready, room, stealing):
+        now = time.time()
+        i = 0
+        while i < len(ready):
+            t = self.tokens[ready[i][1]]
+            if t.status != TODO:
+                del ready[i]
+                t.queued = False
+                continue
+            if (t.cores <= self.free and (not self.memory or t.memory <= self.mem_free)
+                    and (room is None or t.walltime <= room)
+                    and (not stealing or (t.stage <= self.stage
+                                          and now - self.ready_since.get(t.name, 0) >= self.steal_delay))):
+                del ready[i]
+                t.queued = False
+                return t
+            i += 1
+        return None
+
+    def start(self, t, now):
+        log = self.pool.path("logs", "%s.%d" % (t.name, t.attempt))
+        env = dict(self.base_env)
+        env["PILOTFLOW_TOKEN"] = t.name
+        env["PILOTFLOW_CORES"] = str(t.cores)
+        env["PILOTFLOW_ATTEMPT"] = str(t.attempt)
+        for k, v in t.env:
+            env[k] = v
+        self.set_status(t, LOCKED)
+        try:
+            pid = spawn(t.command, env, log + ".out", log + ".err")
+        except OSError as e:
+            self.finish(t, now, 127, "could not start /bin/sh: %s" % e)
+            return
+        self.running[pid] = (t, now)
+        self.free -= t.cores
+        self.mem_free -= t.memory
+        self.ran += 1
+        self.tell_reaper("+ %d %s %d\n" % (pid, t.name, t.attempt))
+
+    def doc(self, t, state, **kw):
+        d = {"token": t.name, "state": state, "attempt": t.attempt, "failures": t.failures, "lost": t.lost,
+             "scrubs": t.scrubs, "pilot": self.pilot, "agent": self.agent, "host": self.host}
+        d.update(kw)
+        return d
+
+    def reap(self):
+        while self.running:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except OSError as e:
+                if e.errno == errno.ECHILD:
+                    self.running.clear()
+                    return
+                raise
+            if pid == 0:
+                return
+            item = self.running.pop(pid, None)
+            if item is None:
+                continue
+            t, start = item
+            self.free += t.cores
+            self.mem_free += t.memory
+            self.tell_reaper("- %d\n" % pid)
+            code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status)
+            self.finish(t, start, code, "")
+
+    def finish(self, t, start, code, reason):
+        if self.pool.released(t.name, t.attempt):
+            # handed back while it ran (we looked dead to others): the result is void
+            self.set_status(t, "other")
+            return
+        if code == 0:
+            self.set_status(t, DONE)
+            doc = self.doc(t, DONE, start=start, end=time.time(), exit_code=0, reason="")
+        else:
+            t.failures += 1
+            why = reason or ("exit code %d" % code if code < 128 else "killed by signal %d" % (code - 128))
+            if t.failures <= t.retries:
+                self.set_status(t, TODO)
+                why = "attempt %d failed (%s); will retry" % (t.attempt, why)
+            else:
+                self.set_status(t, ERROR)
+            doc = self.doc(t, t.status, start=start, end=time.time(), exit_code=code, reason=why)
+        self.pool.put(t.name, doc)
+        if t.status == TODO:
+            self.pool.note_return(t.name, t.attempt)
+            self.enqueue(t)
+        self.settled(t)
+
+    def settled(self, t):
+        """A token reached done or error: wake (or fail) what waits for it."""
+        if t.status not in FINAL:
+            return
+        for w in self.waiting_on.pop(t.name, []):
+            if w.status != TODO:
+                continue
+            if t.status == DONE:
+                w.unmet -= 1
+                if w.unmet == 0:
+                    self.enqueue(w)
+            else:
+                self.fail_dependant(w, t.name)
+
+    def fail_dependant(self, w, dep):
+        """A dependency ended in error: so does the dependant, with the reason (no run)."""
+        w.attempt += 1
+        doc = self.doc(w, ERROR, start=None, end=time.time(), exit_code=None,
+                       reason="dependency %s ended in error" % dep)
+        if self.pool.claim(w.name, w.attempt, dump(dict(doc, state=LOCKED))):
+            self.set_status(w, ERROR)
+            self.pool.put(w.name, doc)
+            self.settled(w)
+        else:
+            w.attempt -= 1
+            self.set_status(w, "other")
+
+    # learning what others did ------------------------------------------------------------------
+    def refresh(self):
+        """Cheap checks for work others made claimable: new definitions, returned tokens and
+        dependencies that finished elsewhere. Returns how many tokens became claimable."""
+        before = len(self.ready_own) + len(self.ready_other)
+        if len(os.listdir(self.pool.path("defs"))) != len(self.defs_seen):
+            self.load()
+        for fn in os.listdir(self.pool.path("returns")):
+            if fn in self.returns_seen:
+                continue
+            self.returns_seen.add(fn)
+            t = self.tokens.get(fn.rsplit(".", 1)[0])
+            if t is not None and t.status != LOCKED:
+                self.recheck(t)
+        for dep in list(self.waiting_on):
+            d = self.tokens.get(dep)
+            if d is not None and d.status not in FINAL and d.status != LOCKED:
+                self.recheck(d)
+        return len(self.ready_own) + len(self.ready_other) - before
+
+    def recheck(self, t):
+        was = t.status
+        self.absorb(t, self.pool.state(t.name))
+        if t.status == TODO and was != TODO:
+            self.link(t)
+        elif t.status in FINAL:
+            self.settled(t)
+
+    def take_over_stale(self):
+        """Tokens locked by launchers whose heartbeat stopped go back to todo (and usually
+        to us, since we are idle). Returns how many became claimable."""
+        dead = self.pool.dead_agents(self.lock_timeout)
+        dead.discard(self.key)
+        if not dead:
+            return 0
+        before = len(self.ready_own) + len(self.ready_other)
+        for t in list(self.tokens.values()):
+            if t.status != "other":
+                continue
+            doc = self.pool.state(t.name)
+            if doc.get("state") == LOCKED and agent_key(doc) in dead:
+                new = self.pool.release(t.name, doc, "pilot %s stopped beating; taken over" % doc.get("pilot"),
+                                        give_up_after=LOST_LIMIT + t.retries)
+                if new is not None:
+                    doc = new
+            was = t.status
+            self.absorb(t, doc)
+            if t.status == TODO and was != TODO:
+                self.link(t)
+            elif t.status in FINAL:
+                self.settled(t)
+        return len(self.ready_own) + len(self.ready_other) - before
+
+    def worth_waiting(self):
+        """Own tokens blocked by dependencies still running elsewhere, that could fit."""
+        room = None if self.deadline is None else self.deadline - time.time()
+        for name in self.own_open:
+            t = self.tokens[name]
+            if t.unmet > 0 and (room is None or t.walltime <= room):
+                return True
+        return False
+
+    # signals, heartbeat, shutdown --------------------------------------------------------------
+    def install_signals(self):
+        r, w = os.pipe()
+        for fd in (r, w):
+            _nonblock(fd)
+        self.wake_r = r
+        signal.set_wakeup_fd(w)
+        signal.signal(signal.SIGCHLD, lambda s, f: None)
+        signal.signal(signal.SIGTERM, self._on_term)
+        signal.signal(signal.SIGINT, self._on_term)
+        signal.signal(signal.SIGHUP, self._on_term)
+        signal.signal(signal.SIGUSR1, self._on_warn)
+        signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+
+    def _on_term(self, signum, frame):
+        self.stopping = "term"
+        self.exit_reason = "signal %d: tokens handed back" % signum
+
+    def _on_warn(self, signum, frame):
+        # the scheduler warns before the walltime: no new claims; what still runs at
+        # now + warn_grace is stopped and handed back
+        if self.stopping is None:
+            self.stopping = "warn"
+            end = time.time() + self.warn_grace
+            self.deadline = end if self.deadline is None else min(self.deadline, end)
+
+    def wait(self, timeout):
+        try:
+            select.select([self.wake_r], [], [], max(0.0, timeout))
+        except (OSError, select.error):
+            pass
+        try:
+            while os.read(self.wake_r, 4096):
+                pass
+        except OSError:
+            pass
+
+    def record(self):
+        write_atomic(self.pool.path("agents", self.key + ".json"),
+                     dump({"pilot": self.pilot, "agent": self.agent, "host": self.host, "pid": os.getpid(),
+                           "start": self.started, "cores": self.cores, "version": VERSION,
+                           "walltime": None if self.deadline is None else self.deadline - self.started}))
+
+    def beat(self):
+        """Heartbeat; and stop any task whose attempt was handed back to others meanwhile."""
+        try:
+            os.utime(self.pool.path("agents", self.key + ".json"), None)
+        except OSError:
+            self.record()
+        for pid, (t, _) in list(self.running.items()):
+            if self.pool.released(t.name, t.attempt):
+                kill_groups([pid], grace=1.0)
+
+    def tell_reaper(self, line):
+        if self.reaper is not None:
+            try:
+                os.write(self.reaper, line.encode("utf-8"))
+            except OSError:
+                self.reaper = None
+
+    def shutdown(self):
+        """Stop what runs (if anything) and hand those tokens back; leave an end record."""
+        if self.running:
+            pids = list(self.running)
+            kill_groups(pids, grace=2.0)
+            for pid in pids:
+                try:
+                    os.waitpid(pid, 0)
+                except OSError:
+                    pass
+            for pid, (t, start) in list(self.running.items()):
+                self.pool.release(t.name, self.doc(t, LOCKED, start=start, end=time.time()),
+                                  "pilot %s stopped (%s)" % (self.pilot, self.exit_reason))
+                self.tell_reaper("- %d\n" % pid)
+            self.running.clear()
+        write_atomic(self.pool.path("agents", self.key + ".end"),
+                     dump({"end": time.time(), "reason": self.exit_reason, "ran": self.ran}))
+        if self.reaper is not None:
+            os.close(self.reaper)
+            self.reaper = None
+
+
+def _pilot_number(pid):
+    digits = "".join(c for c in pid if c.isdigit())
+    return int(digits) if digits else 0
+
+
+def _insort(lst, item):
+    lo, hi = 0, len(lst)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if lst[mid] < item:
+            lo = mid + 1
+        else:
+            hi = mid
+    lst.insert(lo, item)
+
+
+def _nonblock(fd):
+    import fcntl
+    flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+    fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_NONBLOCK)
+
+
+_POSIX_SPAWN = getattr(os, "posix_spawn", None)
+
+
+def spawn(command, env, out_path, err_path):
+    """Start ``/bin/sh -c command`` in its own process group, output to the two files."""
+    argv = ["/bin/sh", "-c", command]
+    if _POSIX_SPAWN is not None:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+        actions = [(os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),  # novm
+                   (os.POSIX_SPAWN_OPEN, 1, out_path, flags, 0o644),  # novm
+                   (os.POSIX_SPAWN_OPEN, 2, err_path, flags, 0o644)]  # novm
+        return _POSIX_SPAWN("/bin/sh", argv, env, file_actions=actions, setpgroup=0)
+    import subprocess
+    with open(out_path, "wb") as out, open(err_path, "wb") as err, open(os.devnull, "rb") as nul:
+        p = subprocess.Popen(argv, stdin=nul, stdout=out, stderr=err, env=env, start_new_session=True)
+    p._child_created = False  # we reap it ourselves with waitpid
+    return p.pid
+
+
+# --- command line ------------------------------------------------------------------------------
+
+def _changes(pool, since):
+    """Everything a client's sync needs, in one round trip: the filesystem clock, the state
+    files changed since ``since`` (fs clock), the launcher records, and the defs count."""
+    now = fs_now(pool.path("agents"))
+    states = pool.states(since=None if since is None else since - 2.0)
+    agents = pool.agents()
+    return {"now": now, "states": states, "agents": agents, "defs": len(os.listdir(pool.path("defs")))}
+
+
+def _info():
+    return {"python": list(sys.version_info[:3]), "host": socket.gethostname(), "cwd": os.getcwd(),
+            "version": VERSION}
+
+
+def main(argv=None):
+    import argparse
+    p = argparse.ArgumentParser(prog="pilotflow-launcher", description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="cmd")
+    r = sub.add_parser("run", help="be one node's launcher for a pilot")
+    r.add_argument("pool")
+    r.add_argument("--pilot", required=True)
+    r.add_argument("--agent", type=int, default=None, help="node index (default: from the scheduler)")
+    r.add_argument("--cores", type=int, default=0, help="cores to use (default: all of this node)")
+    r.add_argument("--memory", type=int, default=0, help="memory (MB) to use; 0 = not limited")
+    r.add_argument("--walltime", type=float, default=0, help="seconds this pilot may run; 0 = no limit")
+    r.add_argument("--idle-timeout", type=float, default=0.0)
+    r.add_argument("--poll", type=float, default=0.5)
+    r.add_argument("--steal-delay", type=float, default=1.0)
+    r.add_argument("--warn-grace", type=float, default=10.0)
+    c = sub.add_parser("changes", help="print state changes since a filesystem time, as JSON")
+    c.add_argument("pool")
+    c.add_argument("--since", type=float, default=None)
+    s = sub.add_parser("scrub", help="failed / stale tokens back to todo")
+    s.add_argument("pool")
+    s.add_argument("--failed", action="store_true")
+    s.add_argument("--stale", action="store_true")
+    s.add_argument("--timeout", type=float, default=None, help="heartbeat age that counts as stale")
+    s.add_argument("--names", nargs="*")
+    s.add_argument("--reason", default="")
+    sub.add_parser("info", help="python version and host, as JSON")
+    a = p.parse_args(argv)
+    if a.cmd == "run":
+        pool = Pool(a.pool)
+        if not pool.meta:
+            sys.stderr.write("pilotflow-launcher: %s is not a token pool (no run.json)\n" % a.pool)
+            return 2
+        agent = a.agent if a.agent is not None else int(os.environ.get("SLURM_NODEID") or
+                                                          os.environ.get("PILOTFLOW_AGENT") or 0)
+        cores = a.cores or _node_cores()
+        ag = Agent(pool, a.pilot, agent=agent, cores=cores, memory=a.memory, walltime=a.walltime or None,
+                   idle_timeout=a.idle_timeout, poll=a.poll, steal_delay=a.steal_delay, warn_grace=a.warn_grace)
+        return ag.run()
+    if a.cmd == "changes":
+        sys.stdout.write(json.dumps(_changes(Pool(a.pool), a.since)))
+        return 0
+    if a.cmd == "scrub":
+        pool = Pool(a.pool)
+        names = set(a.names) if a.names is not None else None
+        done = pool.scrub(failed=a.failed, stale=a.stale, names=names, timeout=a.timeout, reason=a.reason)
+        sys.stdout.write(json.dumps({"scrubbed": done}))
+        return 0
+    if a.cmd == "info":
+        sys.stdout.write(json.dumps(_info()))
+        return 0
+    p.print_help()
+    return 2
+
+
+def _node_cores():
+    """Cores this launcher may use on its node: the scheduler's view first, then the OS's."""
+    for var in ("SLURM_CPUS_ON_NODE", "PBS_NCPUS", "NCPUS", "NSLOTS"):
+        v = os.environ.get(var)
+        if v and v.isdigit():
+            return int(v)
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
