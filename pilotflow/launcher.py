@@ -293,11 +293,12 @@ class Pool(object):
         except OSError:
             pass
 
-    def scrub(self, failed=False, stale=False, names=None, timeout=None, reason=""):
+    def scrub(self, failed=False, stale=False, names=None, timeout=None, reason="", pilots=None):
         """PiCaS scrubbing: error (``failed``) and stale-locked (``stale``) tokens back to todo.
 
-        A stale token is first claimed for its next attempt, so a pilot that is only slow
-        cannot be overtaken twice. Returns the names scrubbed.
+        Stale means locked by a launcher whose heartbeat is older than ``timeout`` (default:
+        the run's lock_timeout) or that belongs to one of ``pilots`` (known to have ended).
+        Returns the names scrubbed.
         """
         dead = self.dead_agents(timeout if timeout is not None else self.lock_timeout()) if stale else set()
         done = []
@@ -311,7 +312,7 @@ class Pool(object):
                 self.put(name, new)
                 self.note_return(name, doc.get("attempt", 0))
                 done.append(name)
-            elif stale and st == LOCKED and agent_key(doc) in dead:
+            elif stale and st == LOCKED and (agent_key(doc) in dead or doc.get("pilot") in (pilots or ())):
                 if self.release(name, doc, reason or "pilot %s stopped while running it" % doc.get("pilot")):
                     done.append(name)
         return done
@@ -446,7 +447,8 @@ class Agent(object):
     """
 
     def __init__(self, pool, pilot, agent=0, cores=1, memory=0, walltime=None, stage=0,
-                 lock_timeout=None, idle_timeout=0.0, poll=0.5, steal_delay=1.0, warn_grace=10.0):
+                 lock_timeout=None, idle_timeout=0.0, poll=0.5, steal_delay=1.0, warn_grace=10.0,
+                 deadline=None):
         self.pool = pool
         self.pilot = pilot
         self.agent = agent
@@ -454,7 +456,13 @@ class Agent(object):
         self.cores = self.free = cores
         self.memory = self.mem_free = memory  # 0: not limited
         self.started = time.time()
-        self.deadline = None if not walltime else self.started + walltime
+        if deadline is None and walltime:
+            deadline = self.started + walltime
+        self.deadline = deadline  # when the scheduler ends the pilot (None: never)
+        # what still runs shortly before the end is stopped and handed back, so a follow-up
+        # pilot can take it without waiting for a lock to go stale
+        guard = 0 if deadline is None else max(2.0, min(15.0, 0.05 * (deadline - self.started)))
+        self.handback = None if deadline is None else deadline - guard
         self.stage = stage
         self.lock_timeout = lock_timeout if lock_timeout else pool.lock_timeout()
         self.idle_timeout = idle_timeout
@@ -563,14 +571,20 @@ class Agent(object):
         sleep = self.poll
         beat_every = max(0.5, min(30.0, self.lock_timeout / 5.0))
         while True:
-            self.reap()
+            ended = self.reap()
+            # start the next tasks before writing the states of the ended ones: the state
+            # writes then overlap with running tasks instead of leaving cores idle
+            started = 0 if self.stopping else self.fill()
+            for t, start, code in ended:
+                self.finish(t, start, code, "")
+            if ended and not self.stopping:
+                started += self.fill()
             if self.stopping == "term":
                 break
             now = time.time()
-            if self.stopping == "warn" and self.deadline is not None and now >= self.deadline:
-                self.exit_reason = "walltime warning: tokens handed back"
+            if self.handback is not None and now >= self.handback:
+                self.exit_reason = "walltime nearly over: tokens handed back"
                 break
-            started = 0 if self.stopping else self.fill()
             if now - last_beat >= beat_every:
                 self.beat()
                 last_beat = now
@@ -602,7 +616,7 @@ class Agent(object):
     def fill(self):
         """Claim and start tasks while something fits; returns how many started."""
         n = 0
-        room = None if self.deadline is None else self.deadline - time.time()
+        room = None if self.handback is None else self.handback - time.time()
         while self.free > 0:
             t = self.pick(self.ready_own, room, False)
             if t is None and not self.own_open:
@@ -666,16 +680,17 @@ class Agent(object):
         return d
 
     def reap(self):
+        """Collect ended tasks and free their cores; returns [(token, start, exit code)]."""
+        ended = []
         while self.running:
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)
             except OSError as e:
                 if e.errno == errno.ECHILD:
                     self.running.clear()
-                    return
-                raise
+                break
             if pid == 0:
-                return
+                break
             item = self.running.pop(pid, None)
             if item is None:
                 continue
@@ -684,7 +699,8 @@ class Agent(object):
             self.mem_free += t.memory
             self.tell_reaper("- %d\n" % pid)
             code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status)
-            self.finish(t, start, code, "")
+            ended.append((t, start, code))
+        return ended
 
     def finish(self, t, start, code, reason):
         if self.pool.released(t.name, t.attempt):
@@ -791,7 +807,7 @@ class Agent(object):
 
     def worth_waiting(self):
         """Own tokens blocked by dependencies still running elsewhere, that could fit."""
-        room = None if self.deadline is None else self.deadline - time.time()
+        room = None if self.handback is None else self.handback - time.time()
         for name in self.own_open:
             t = self.tokens[name]
             if t.unmet > 0 and (room is None or t.walltime <= room):
@@ -822,7 +838,7 @@ class Agent(object):
         if self.stopping is None:
             self.stopping = "warn"
             end = time.time() + self.warn_grace
-            self.deadline = end if self.deadline is None else min(self.deadline, end)
+            self.handback = end if self.handback is None else min(self.handback, end)
 
     def wait(self, timeout):
         try:
@@ -839,7 +855,7 @@ class Agent(object):
         write_atomic(self.pool.path("agents", self.key + ".json"),
                      dump({"pilot": self.pilot, "agent": self.agent, "host": self.host, "pid": os.getpid(),
                            "start": self.started, "cores": self.cores, "version": VERSION,
-                           "walltime": None if self.deadline is None else self.deadline - self.started}))
+                           "deadline": self.deadline}))
 
     def beat(self):
         """Heartbeat; and stop any task whose attempt was handed back to others meanwhile."""
@@ -948,6 +964,7 @@ def main(argv=None):
     r.add_argument("--cores", type=int, default=0, help="cores to use (default: all of this node)")
     r.add_argument("--memory", type=int, default=0, help="memory (MB) to use; 0 = not limited")
     r.add_argument("--walltime", type=float, default=0, help="seconds this pilot may run; 0 = no limit")
+    r.add_argument("--deadline", type=float, default=None, help="epoch seconds when the scheduler ends the pilot")
     r.add_argument("--idle-timeout", type=float, default=0.0)
     r.add_argument("--poll", type=float, default=0.5)
     r.add_argument("--steal-delay", type=float, default=1.0)
@@ -961,6 +978,7 @@ def main(argv=None):
     s.add_argument("--stale", action="store_true")
     s.add_argument("--timeout", type=float, default=None, help="heartbeat age that counts as stale")
     s.add_argument("--names", nargs="*")
+    s.add_argument("--pilots", nargs="*", help="treat tokens locked by these pilots as stale")
     s.add_argument("--reason", default="")
     sub.add_parser("info", help="python version and host, as JSON")
     a = p.parse_args(argv)
@@ -970,10 +988,12 @@ def main(argv=None):
             sys.stderr.write("pilotflow-launcher: %s is not a token pool (no run.json)\n" % a.pool)
             return 2
         agent = a.agent if a.agent is not None else int(os.environ.get("SLURM_NODEID") or
+                                                          os.environ.get("PBS_VNODENUM") or
                                                           os.environ.get("PILOTFLOW_AGENT") or 0)
         cores = a.cores or _node_cores()
         ag = Agent(pool, a.pilot, agent=agent, cores=cores, memory=a.memory, walltime=a.walltime or None,
-                   idle_timeout=a.idle_timeout, poll=a.poll, steal_delay=a.steal_delay, warn_grace=a.warn_grace)
+                   idle_timeout=a.idle_timeout, poll=a.poll, steal_delay=a.steal_delay, warn_grace=a.warn_grace,
+                   deadline=a.deadline)
         return ag.run()
     if a.cmd == "changes":
         sys.stdout.write(json.dumps(_changes(Pool(a.pool), a.since)))
@@ -981,7 +1001,8 @@ def main(argv=None):
     if a.cmd == "scrub":
         pool = Pool(a.pool)
         names = set(a.names) if a.names is not None else None
-        done = pool.scrub(failed=a.failed, stale=a.stale, names=names, timeout=a.timeout, reason=a.reason)
+        done = pool.scrub(failed=a.failed, stale=a.stale, names=names, timeout=a.timeout, reason=a.reason,
+                          pilots=set(a.pilots) if a.pilots else None)
         sys.stdout.write(json.dumps({"scrubbed": done}))
         return 0
     if a.cmd == "info":

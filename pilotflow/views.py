@@ -38,3 +38,129 @@ def print_plan(plan: Plan) -> None:
         out.print(f"  {len(r.tasks)} task(s); {len(r.pilots)} pilot(s), lower bound "
                   f"{r.lower_bound_pilots}; {r.node_hours:.2f} node-hours; efficiency {eff:.3f}"
                   + (f"\n  why here: {r.why}" if r.why and len(plan.resources) > 1 else ""))
+
+
+def status_json(record, snap) -> dict:
+    """The ``status --json`` document of SPEC §3."""
+    counts = snap.counts(record.tokens)
+    tokens = {}
+    for t in record.tasks():
+        d = snap.states.get(t.name, {})
+        tokens[t.name] = {"state": d.get("state", "todo"), "exit_code": d.get("exit_code"),
+                          "attempts": int(d.get("attempt", 0)), "pilot": d.get("pilot"), "host": d.get("host"),
+                          "start": d.get("start"), "end": d.get("end")}
+    return {"run": record.run, "finished": counts["todo"] == 0 and counts["locked"] == 0,
+            "counts": counts, "tokens": tokens,
+            "pilots": {p.id: {"resource": p.resource, "job_id": p.job_id, "state": p.state}
+                       for p in record.pilots.values()}}
+
+
+def _pilot_rows(record, snap):
+    per: dict[str, dict[str, int]] = {}
+    for d in snap.states.values():
+        if d.get("pilot"):
+            c = per.setdefault(d["pilot"], {})
+            c[d.get("state")] = c.get(d.get("state"), 0) + 1
+    return per
+
+
+def print_status(record, snap) -> None:
+    out = console()
+    counts = snap.counts(record.tokens)
+    finished = counts["todo"] == 0 and counts["locked"] == 0
+    head = "finished" if finished else "running"
+    out.print(f"[bold]{record.run}[/bold] ({head}): " + "  ".join(f"{k} {v}" for k, v in counts.items()))
+    t = Table(title_justify="left")
+    for col in ("pilot", "resource", "job", "state", "nodes", "running", "done", "error"):
+        t.add_column(col)
+    per = _pilot_rows(record, snap)
+    for p in record.pilots.values():
+        c = per.get(p.id, {})
+        t.add_row(p.id, p.resource, str(p.job_id or "-"), p.state, str(p.nodes), str(c.get("locked", 0)),
+                  str(c.get("done", 0)), str(c.get("error", 0)))
+    out.print(t)
+    errors = [(n, d) for n, d in snap.states.items() if d.get("state") == "error"]
+    for n, d in errors[:10]:
+        out.print(f"  [red]error[/red] {n}: {d.get('reason', '')}")
+    if len(errors) > 10:
+        out.print(f"  ... and {len(errors) - 10} more in error")
+
+
+def print_runs(records) -> None:
+    out = console()
+    if not records:
+        out.print("no runs in ./.pilotflow/runs")
+        return
+    t = Table()
+    for col in ("run", "bundle", "created", "pilots", "tokens"):
+        t.add_column(col)
+    import time as _t
+    for r in records:
+        t.add_row(r.run, r.bundle, _t.strftime("%Y-%m-%d %H:%M:%S", _t.localtime(r.created)),
+                  str(len(r.pilots)), str(r.tokens))
+    out.print(t)
+
+
+class Progress:
+    """``wait``'s view: a live rich bar on a terminal, one line per change otherwise."""
+
+    def __init__(self, record):
+        import sys as _s
+        self.record = record
+        self.tty = _s.stderr.isatty()
+        self.last = None
+        self.started = _t_now()
+        self.first_done = None
+        self._live = None
+
+    def __enter__(self):
+        if self.tty:
+            from rich.progress import BarColumn, Progress as P, TextColumn, TimeElapsedColumn
+            self._live = P(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[counts]}"),
+                           TimeElapsedColumn(), TextColumn("{task.fields[eta]}"), console=console(stderr=True))
+            self._live.__enter__()
+            self._task = self._live.add_task(self.record.run, total=self.record.tokens, counts="", eta="")
+        return self
+
+    def __exit__(self, *exc):
+        if self._live is not None:
+            self._live.__exit__(*exc)
+
+    def update(self, snap, counts) -> None:
+        finished = counts["done"] + counts["error"]
+        now = _t_now()
+        if finished and self.first_done is None:
+            self.first_done = (now, finished)
+        eta = ""
+        if self.first_done and finished > self.first_done[1] and finished < self.record.tokens:
+            t0, f0 = self.first_done
+            rate = (finished - f0) / max(now - t0, 1e-6)
+            eta = f"ETA {format_duration((self.record.tokens - finished) / rate)}"
+        text = "  ".join(f"{k} {v}" for k, v in counts.items())
+        if self._live is not None:
+            self._live.update(self._task, completed=finished, counts=text, eta=eta)
+        elif text != self.last:
+            import sys as _s
+            print(f"{self.record.run}: {text}" + (f"  {eta}" if eta else ""), file=_s.stderr, flush=True)
+        self.last = text
+
+    def note(self, text: str) -> None:
+        import sys as _s
+        if self._live is not None:
+            self._live.console.print(text)
+        else:
+            print(text, file=_s.stderr, flush=True)
+
+    def done(self, counts) -> None:
+        import sys as _s
+        msg = (f"{self.record.run} finished: " + "  ".join(f"{k} {v}" for k, v in counts.items())
+               + f" in {format_duration(_t_now() - self.started)}")
+        if self._live is not None:
+            self._live.console.print(msg)
+        else:
+            print(msg, file=_s.stderr, flush=True)
+
+
+def _t_now() -> float:
+    import time as _t
+    return _t.time()

@@ -1,0 +1,231 @@
+"""The ``pilotflow`` subcommands other than ``plan``: glue between runs, sync and views."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from argparse import Namespace
+
+from pilotflow.errors import RunFailed, UsageError
+from pilotflow.runs import find_run, list_runs
+from pilotflow.sync import Session, fetch_logs, fetch_outputs, refresh_pilots, release_dead, sync_states
+
+MAX_FOLLOWUPS = 3  # automatic follow-up rounds per run when pilots end with work left
+
+
+def _err(msg: str) -> None:
+    print(msg, file=sys.stderr)
+
+
+def submit(args: Namespace) -> int:
+    from pilotflow.bundle import load_bundle
+    from pilotflow.submit import new_run
+    bundle = load_bundle(args.bundle)
+    record, plan = new_run(bundle, dry_run=args.dry_run, log=_err)
+    if args.dry_run:
+        from pilotflow.views import print_plan
+        print_plan(plan)
+        _err("dry run: nothing was created or submitted (`pilotflow plan --scripts DIR` shows the scripts)")
+        return 0
+    print(record.run)
+    if args.wait:
+        return _wait(record.run)
+    return 0
+
+
+def status(args: Namespace) -> int:
+    from pilotflow.views import print_status, status_json
+    record = find_run(args.run)
+    if args.watch:
+        return _wait(record.run, watch_only=True)
+    with Session(record) as s:
+        snap = _sync(s)
+    if args.json:
+        json.dump(status_json(record, snap), sys.stdout, indent=1)
+        sys.stdout.write("\n")
+    else:
+        print_status(record, snap)
+    counts = snap.counts(record.tokens)
+    finished = counts["todo"] == 0 and counts["locked"] == 0
+    return 1 if finished and counts["error"] else 0
+
+
+def _sync(s: Session):
+    snap = sync_states(s)
+    if refresh_pilots(s) or any(p.state in ("ended", "failed", "cancelled") for p in s.record.pilots.values()):
+        if release_dead(s):
+            snap = sync_states(s)
+    return snap
+
+
+def wait(args: Namespace) -> int:
+    return _wait(find_run(args.run).run)
+
+
+def _wait(run: str, watch_only: bool = False) -> int:
+    from pilotflow.views import Progress
+    record = find_run(run)
+    delay = 0.5
+    with Session(record) as s, Progress(record) as view:
+        while True:
+            snap = _sync(s)
+            counts = snap.counts(record.tokens)
+            view.update(snap, counts)
+            if counts["todo"] == 0 and counts["locked"] == 0:
+                fetch_outputs(s)
+                view.done(counts)
+                if counts["error"]:
+                    raise RunFailed(f"run {record.run} finished with {counts['error']} token(s) in error: "
+                                    f"see `pilotflow status {record.run}` and `pilotflow logs {record.run} TOKEN`")
+                return 0
+            alive = [p for p in record.pilots.values() if p.state not in ("ended", "failed", "cancelled")]
+            if not alive and not watch_only:
+                if record.cancelled:
+                    raise UsageError(f"run {record.run} was cancelled with {counts['todo']} token(s) left; "
+                                     f"`pilotflow retry {record.run}` submits pilots for them")
+                if record.followups >= MAX_FOLLOWUPS:
+                    raise RunFailed(f"every pilot of run {record.run} ended with {counts['todo']} token(s) left "
+                                    f"after {record.followups} follow-up round(s); check `pilotflow status` and "
+                                    f"the pilots' output, then `pilotflow retry {record.run}`")
+                record.followups += 1
+                n = _followup(s, snap, f"every pilot ended with {counts['todo']} token(s) left")
+                view.note(f"submitted {n} follow-up pilot(s)")
+                delay = 0.5
+            time.sleep(delay)
+            delay = min(delay * 1.5, 5.0)
+
+
+def _followup(s: Session, snap, why: str) -> int:
+    from pilotflow.submit import plan_remaining, submit_pilots
+    record = s.record
+    left = {t.name for t in record.tasks() if snap.states.get(t.name, {}).get("state", "todo") == "todo"}
+    if not left:
+        return 0
+    plan = plan_remaining(record, left)
+    _err(f"{why}: submitting pilots for {len(left)} token(s)")
+    done = submit_pilots(record, plan, {n: s.transport(n) for n in record.resources}, log=_err)
+    record.save()
+    return len(done)
+
+
+def sync(args: Namespace) -> int:
+    record = find_run(args.run)
+    with Session(record) as s:
+        snap = _sync(s)
+        n = fetch_outputs(s)
+    counts = snap.counts(record.tokens)
+    print(f"{record.run}: {len(snap.changed)} state change(s), {n} output file(s) brought back; "
+          + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    return 0
+
+
+def logs(args: Namespace) -> int:
+    if len(args.args) > 2:
+        raise UsageError("usage: pilotflow logs [RUN] TOKEN")
+    run, token = (None, args.args[0]) if len(args.args) == 1 else args.args
+    record = find_run(run)
+    task = next((t for t in record.tasks() if t.name == token), None)
+    if task is None:
+        raise UsageError(f"run {record.run} has no token '{token}'")
+    with Session(record) as s:
+        snap = sync_states(s)
+        doc = snap.states.get(token)
+        if not doc or not doc.get("attempt"):
+            raise UsageError(f"token '{token}' has not run yet (state: {(doc or {}).get('state', 'todo')})")
+        out = fetch_logs(s, token, int(doc["attempt"]), task.resource)
+    print(f"== {token} attempt {doc['attempt']} ({doc.get('state')}, exit code {doc.get('exit_code')}, "
+          f"host {doc.get('host')}) ==")
+    print("-- stdout --")
+    sys.stdout.write(out["out"] if out["out"].endswith("\n") or not out["out"] else out["out"] + "\n")
+    print("-- stderr --")
+    sys.stdout.write(out["err"] if out["err"].endswith("\n") or not out["err"] else out["err"] + "\n")
+    return 0
+
+
+def retry(args: Namespace) -> int:
+    record = find_run(args.run)
+    if args.move_to:
+        raise UsageError("--move-to is not available yet")
+    with Session(record) as s:
+        _sync(s)
+        scrubbed: list[str] = []
+        for name in record.resources:
+            res = record.resource(name)
+            opts = []
+            if args.failed:
+                opts.append("failed=1")
+            if args.stale:
+                opts.append("stale=1")
+            if opts:
+                r = s.transport(name).helper("scrub", *opts, python=res.python, pool=record.pool(name))
+                scrubbed += r["scrubbed"]
+        snap = sync_states(s)
+        record.cancelled = False
+        record.followups = 0
+        live = {p.id for p in record.pilots.values() if p.state not in ("ended", "failed", "cancelled")}
+        left = {t.name for t in record.tasks() if snap.states.get(t.name, {}).get("state", "todo") == "todo"}
+        print(f"{len(scrubbed)} token(s) scrubbed back to todo; {len(left)} token(s) to run")
+        if not left:
+            return 0
+        if live:
+            print(f"{len(live)} pilot(s) still queued or running; they take the work too")
+        n = _followup(s, snap, "retry")
+        print(f"submitted {n} pilot(s)")
+    return 0
+
+
+def cancel(args: Namespace) -> int:
+    from pilotflow.schedulers import backend
+    from pilotflow.schedulers.base import FINISHED
+    from pilotflow.transport import run_checked
+    record = find_run(args.run)
+    with Session(record) as s:
+        refresh_pilots(s)
+        live = [p for p in record.pilots.values() if p.job_id and p.state not in FINISHED]
+        by_res: dict[str, list] = {}
+        for p in live:
+            by_res.setdefault(p.resource, []).append(p)
+        for name, pilots in by_res.items():
+            res = record.resource(name)
+            sched = backend(res.scheduler)
+            run_checked(s.transport(name), sched.cancel_argv([p.job_id for p in pilots]),
+                        f"cancelling pilots on {name}", transient=lambda r: sched.transient(r.returncode, r.stderr))
+        record.cancelled = True
+        record.save()
+        # launchers hand their tokens back on SIGTERM; give them a moment, then make sure
+        deadline = time.time() + 15
+        while time.time() < deadline:
+            refresh_pilots(s)
+            if all(p.state in FINISHED for p in live):
+                break
+            time.sleep(0.5)
+        for p in live:
+            if p.state not in FINISHED:
+                p.state, p.raw = "cancelled", "cancel requested"
+        record.save()
+        snap = _sync(s)
+    counts = snap.counts(record.tokens)
+    print(f"cancelled {len(live)} pilot(s) of {record.run}; " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    return 0
+
+
+def runs(args: Namespace) -> int:
+    from pilotflow.views import print_runs
+    print_runs(list_runs())
+    return 0
+
+
+def report(args: Namespace) -> int:
+    from pilotflow.report import write_report
+    record = find_run(args.run)
+    with Session(record) as s:
+        snap = _sync(s)
+    path = write_report(record, snap, args.output)
+    print(f"wrote {path}")
+    return 0
+
+
+def check(args: Namespace) -> int:
+    from pilotflow.check import run_checks
+    return run_checks(args.bundle, submit=args.submit)

@@ -1,0 +1,123 @@
+"""Plan + templates → batch scripts, as a pure function (no cluster, no side effects).
+
+Two escapers for two contexts: values placed in the shell part of a script are quoted with
+``shlex.quote`` (``|sh``); values placed in scheduler directives are *validated* by the
+scheduler backend (no spaces, quotes or newlines) because directive lines are not parsed by
+a shell. The launcher is carried in a quoted here-document whose terminator is checked not
+to occur in it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shlex
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+
+import jinja2
+
+from pilotflow import __version__
+from pilotflow.bundle import Resource
+from pilotflow.errors import UsageError
+from pilotflow.plan import Plan, PilotPlan
+from pilotflow.schedulers import backend
+from pilotflow.schedulers.base import job_name
+
+
+def launcher_source() -> str:
+    return _launcher()[0]
+
+
+def launcher_hash() -> str:
+    return _launcher()[1]
+
+
+@lru_cache(maxsize=1)
+def _launcher() -> tuple[str, str]:
+    src = resources.files("pilotflow").joinpath("launcher.py").read_text(encoding="utf-8")
+    return src, hashlib.sha256(src.encode()).hexdigest()[:16]
+
+
+def shpath(path: str) -> str:
+    """A path for the shell: quoted, with a leading ``~/`` left to the remote ``$HOME``."""
+    if path == "~":
+        return '"$HOME"'
+    if path.startswith("~/"):
+        return '"$HOME"/' + shlex.quote(path[2:])
+    return shlex.quote(path)
+
+
+@lru_cache(maxsize=1)
+def _env() -> jinja2.Environment:
+    env = jinja2.Environment(loader=jinja2.PackageLoader("pilotflow", "templates"),
+                             undefined=jinja2.StrictUndefined, autoescape=False,
+                             keep_trailing_newline=True, trim_blocks=True, lstrip_blocks=True)
+    env.filters["sh"] = lambda v: shlex.quote(str(v))
+    env.filters["shpath"] = shpath
+    return env
+
+
+def python_words(resource: Resource) -> str:
+    """The interpreter as shell words: ``python = "/usr/bin/env python3"`` is two words."""
+    try:
+        words = shlex.split(resource.python)
+    except ValueError as e:
+        raise UsageError(f"resource '{resource.name}': python = {resource.python!r} is not a command: {e}") from None
+    return " ".join(shlex.quote(w) for w in words)
+
+
+def render_pilot(pilot: PilotPlan, resource: Resource, run: str, pool: str, *,
+                 launcher_args: list[str] = ()) -> str:
+    """The complete batch script for one pilot; ``pool`` is the run directory on the resource."""
+    sched = backend(resource.scheduler)
+    src, digest = _launcher()
+    heredoc = f"PILOTFLOW_LAUNCHER_{digest}"
+    if heredoc in src:
+        raise AssertionError("launcher source contains its here-document terminator")
+    try:
+        directives = sched.directives(job_name=job_name(run, pilot.id), nodes=pilot.nodes,
+                                      cores_per_node=resource.cores_per_node, walltime_s=pilot.walltime_s,
+                                      resource=resource, output=f"{pilot.id}.%j.out"
+                                      if resource.scheduler == "slurm" else f"{pilot.id}.out")
+    except ValueError as e:
+        raise UsageError(f"resource '{resource.name}': {e}") from None
+    args = "".join(" " + shlex.quote(a) for a in launcher_args)
+    return _env().get_template(sched.template).render(
+        pilot=pilot, resource=resource, run=run, pool=pool, directives=directives, python=python_words(resource),
+        cores=pilot.cores, launcher_source=src if src.endswith("\n") else src + "\n", launcher_hash=digest,
+        heredoc=heredoc, launcher_args=args, version=__version__)
+
+
+def pool_path(resource: Resource, root: str, run: str) -> str:
+    return root.rstrip("/") + "/" + run
+
+
+def default_root(resource: Resource, bundle_dir: Path) -> str:
+    """Where runs live on a resource: ``root``, else ~/.pilotflow remotely or ./.pilotflow
+    beside the bundle locally (SPEC §4)."""
+    if resource.root:
+        root = resource.root
+        if not resource.remote and not root.startswith(("/", "~")):
+            return str((bundle_dir / root).resolve())
+        return str(Path(root).expanduser()) if not resource.remote else root
+    return "~/.pilotflow" if resource.remote else str((bundle_dir / ".pilotflow").resolve())
+
+
+def write_scripts(plan: Plan, directory: Path, run: str | None = None) -> list[Path]:
+    """``plan --scripts DIR``: the scripts ``submit`` would submit (run id: BUNDLE-plan)."""
+    run = run or f"{plan.bundle.name}-plan"
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"cannot create {directory}: {e.strerror}") from None
+    out = []
+    for rp in plan.resources:
+        res = rp.resource
+        pool = pool_path(res, default_root(res, plan.bundle.base_dir), run)
+        for p in rp.pilots:
+            path = directory / f"{res.name}-{p.id}.{res.scheduler}.sh"
+            path.write_text(render_pilot(p, res, run, pool))
+            path.chmod(0o755)
+            out.append(path)
+    return out

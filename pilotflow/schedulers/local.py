@@ -1,0 +1,65 @@
+"""The embedded default: a pilot is a detached process group on this machine.
+
+Like BigJob's fork://localhost. ``job_id`` is the pid of the process-group (and session)
+leader; cancel sends SIGTERM to the group, which makes the launcher hand its tokens back.
+"""
+
+from __future__ import annotations
+
+from pilotflow.schedulers.base import ENDED, RUNNING, JobState, Scheduler
+
+# Reads /proc (Linux) and falls back to kill(0): prints "PID STATE" for each live group leader.
+_PROBE = r"""
+import os, sys
+for pid in sys.argv[1:]:
+    try:
+        with open("/proc/%s/stat" % pid) as f:
+            st = f.read().rsplit(")", 1)[1].split()[0]
+        print(pid, "Z" if st in "ZX" else "R")
+    except (IOError, OSError, IndexError):
+        try:
+            os.kill(int(pid), 0)
+            print(pid, "R")
+        except OSError:
+            pass
+"""
+
+
+class Local(Scheduler):
+    name = "local"
+    prefix = "#"
+    walltime_step = 1
+    docs = "processes on this machine"
+    template = "local.sh.j2"
+
+    def __init__(self, python: str = "python3"):
+        self.python = python
+
+    def directives(self, **kw):
+        return []
+
+    def submit_argv(self, script, *, after=()):
+        # setsid: the pilot survives the pilotflow command and is its own process group
+        return ["/bin/sh", "-c", 'setsid /bin/sh "$1" >"$1.out" 2>&1 </dev/null & echo $!', "sh", script]
+
+    def parse_submit(self, stdout):
+        pid = stdout.strip().splitlines()[-1].strip()
+        if not pid.isdigit():
+            raise ValueError(f"unexpected output starting the pilot: {stdout.strip()!r}")
+        return pid
+
+    def status_argv(self, job_ids):
+        return [self.python, "-c", _PROBE] + list(job_ids)
+
+    def parse_status(self, stdout, job_ids):
+        out = {}
+        for line in stdout.splitlines():
+            parts = line.split()
+            if len(parts) == 2 and parts[0] in job_ids:
+                out[parts[0]] = JobState(RUNNING if parts[1] == "R" else ENDED, parts[1])
+        for job in job_ids:  # not found: the process is gone
+            out.setdefault(job, JobState(ENDED, "gone"))
+        return out
+
+    def cancel_argv(self, job_ids):
+        return ["/bin/sh", "-c", 'for p; do kill -TERM -- "-$p" 2>/dev/null; done; true', "sh"] + list(job_ids)

@@ -1,0 +1,92 @@
+"""Slurm: sbatch / squeue (or sacct) / scancel.
+
+State names: https://slurm.schedmd.com/squeue.html#SECTION_JOB-STATE-CODES
+"""
+
+from __future__ import annotations
+
+from pilotflow.schedulers.base import (CANCELLED, ENDED, FAILED, QUEUED, RUNNING, JobState, Scheduler,
+                                       check_directive, directive_word)
+from pilotflow.units import format_hms
+
+STATES = {
+    "PENDING": QUEUED, "CONFIGURING": QUEUED, "REQUEUED": QUEUED, "REQUEUE_HOLD": QUEUED,
+    "REQUEUE_FED": QUEUED, "RESV_DEL_HOLD": QUEUED, "SUSPENDED": QUEUED, "STOPPED": QUEUED,
+    "RUNNING": RUNNING, "COMPLETING": RUNNING, "SIGNALING": RUNNING, "STAGE_OUT": RUNNING,
+    "RESIZING": RUNNING,
+    "COMPLETED": ENDED, "TIMEOUT": ENDED,  # a pilot reaching its walltime has handed back its tokens
+    "FAILED": FAILED, "NODE_FAIL": FAILED, "BOOT_FAIL": FAILED, "OUT_OF_MEMORY": FAILED,
+    "PREEMPTED": FAILED, "DEADLINE": FAILED, "SPECIAL_EXIT": FAILED, "REVOKED": FAILED,
+    "CANCELLED": CANCELLED,
+}
+
+
+def warning_seconds(walltime_s: int) -> int:
+    """How long before the walltime Slurm should signal the launchers (USR1)."""
+    return max(10, min(120, walltime_s // 10))
+
+
+class Slurm(Scheduler):
+    name = "slurm"
+    prefix = "#SBATCH"
+    walltime_step = 60  # --time has minute granularity
+    docs = "https://slurm.schedmd.com/squeue.html#SECTION_JOB-STATE-CODES"
+    template = "slurm.sh.j2"
+
+    def directives(self, *, job_name, nodes, cores_per_node, walltime_s, resource, output):
+        d = [f"--job-name={directive_word(job_name, 'job name')}",
+             f"--nodes={nodes}", "--ntasks-per-node=1", f"--cpus-per-task={cores_per_node}",
+             f"--time={format_hms(-(-walltime_s // 60) * 60)}",
+             f"--output={directive_word(output, 'output file')}",
+             f"--signal=USR1@{warning_seconds(walltime_s)}"]
+        if resource.memory_per_node_mb:
+            d.append(f"--mem={resource.memory_per_node_mb}M")
+        for key in ("partition", "account", "qos"):
+            value = getattr(resource, key)
+            if value:
+                d.append(f"--{key}={directive_word(value, key)}")
+        d.extend(check_directive(x) for x in resource.directives)
+        return d
+
+    def submit_argv(self, script, *, after=()):
+        argv = ["sbatch", "--parsable"]
+        if after:
+            argv.append("--dependency=afterany:" + ":".join(after))
+        return argv + [script]
+
+    def parse_submit(self, stdout):
+        # "123" or "123;cluster"
+        line = stdout.strip().splitlines()[-1]
+        job = line.split(";")[0].strip()
+        if not job.isdigit():
+            raise ValueError(f"unexpected sbatch output: {stdout.strip()!r}")
+        return job
+
+    def status_argv(self, job_ids):
+        return ["squeue", "--noheader", "--states=all", "--jobs=" + ",".join(job_ids), "--format=%i|%T|%r"]
+
+    def parse_status(self, stdout, job_ids):
+        out = {}
+        for line in stdout.splitlines():
+            parts = line.strip().split("|")
+            if len(parts) >= 2 and parts[0] in job_ids:
+                raw = parts[1].strip()
+                out[parts[0]] = JobState(STATES.get(raw, RUNNING), raw)
+        return out
+
+    def fallback_status_argv(self, job_ids):
+        return ["sacct", "--noheader", "--parsable2", "--allocations", "--jobs=" + ",".join(job_ids),
+                "--format=JobID,State,ExitCode"]
+
+    def parse_fallback_status(self, stdout, job_ids):
+        out = {}
+        for line in stdout.splitlines():
+            parts = line.strip().split("|")
+            if len(parts) >= 3 and parts[0] in job_ids:
+                raw = parts[1].split()[0]  # "CANCELLED by 0"
+                code = parts[2].split(":")[0]
+                out[parts[0]] = JobState(STATES.get(raw, ENDED), raw, int(code) if code.isdigit() else None)
+        return out
+
+    def cancel_argv(self, job_ids):
+        return ["scancel"] + list(job_ids)

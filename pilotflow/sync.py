@@ -1,0 +1,195 @@
+"""Bringing a run's truth home: token states, pilot states, logs and outputs.
+
+One helper call per resource returns every state file changed since the last sync (the
+launcher file is the remote helper); one scheduler call per resource returns every pilot's
+state. Pilots the scheduler says are gone cannot hold tokens: what they still hold is
+handed back at once instead of waiting for their heartbeat to go stale.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pilotflow.errors import ExternalError
+from pilotflow.runs import RunRecord
+from pilotflow.schedulers import backend
+from pilotflow.schedulers.base import FINISHED, UNKNOWN
+from pilotflow.transport import Transport, connect, run_checked
+
+
+@dataclass
+class Snapshot:
+    states: dict[str, dict]  # token → state (mirror after this sync)
+    changed: list[str]
+    agents: dict[str, dict]
+    pilots_changed: list[str] = field(default_factory=list)
+
+    def counts(self, total: int) -> dict[str, int]:
+        c = {"todo": 0, "locked": 0, "done": 0, "error": 0}
+        for doc in self.states.values():
+            c[doc.get("state", "todo")] = c.get(doc.get("state", "todo"), 0) + 1
+        c["todo"] += total - len(self.states)
+        return c
+
+
+class Session:
+    """The transports of one command invocation: one connection per resource, reused."""
+
+    def __init__(self, record: RunRecord):
+        self.record = record
+        self._t: dict[str, Transport] = {}
+        self.known = record.mirror.states()
+
+    def transport(self, resource: str) -> Transport:
+        if resource not in self._t:
+            self._t[resource] = connect(self.record.resource(resource))
+        return self._t[resource]
+
+    def close(self) -> None:
+        for t in self._t.values():
+            t.close()
+        self._t.clear()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def sync_states(s: Session) -> Snapshot:
+    """Mirror every state changed since the last sync, resource by resource."""
+    record = s.record
+    mirror = record.mirror
+    cursor = mirror.cursor()
+    changed: list[str] = []
+    agents: dict[str, dict] = {}
+    for name in record.resources:
+        res = record.resource(name)
+        t = s.transport(name)
+        since = cursor.get(name)
+        doc = t.helper("changes", *([repr(since)] if since is not None else []), python=res.python,
+                       pool=record.pool(name))
+        changed += mirror.update(doc["states"], s.known)
+        for k, v in doc["agents"].items():
+            agents[k] = dict(v, resource=name)
+        cursor[name] = doc["now"]
+    mirror.set_agents(agents)
+    mirror.set_cursor(cursor)  # last: an interrupted sync is simply redone
+    return Snapshot(states=s.known, changed=changed, agents=agents)
+
+
+def refresh_pilots(s: Session) -> list[str]:
+    """Ask each scheduler (one call per resource) about the run's unfinished pilots."""
+    record = s.record
+    changed = []
+    by_res: dict[str, list] = {}
+    for p in record.pilots.values():
+        if p.job_id and p.state not in FINISHED:
+            by_res.setdefault(p.resource, []).append(p)
+    for name, pilots in by_res.items():
+        res = record.resource(name)
+        sched = backend(res.scheduler)
+        if res.scheduler == "local":
+            from pilotflow.schedulers.local import Local
+            sched = Local(python=res.python)
+        t = s.transport(name)
+        ids = [p.job_id for p in pilots]
+        states = _ask(t, sched, sched.status_argv(ids), sched.parse_status, ids, name)
+        missing = [j for j in ids if j not in states]
+        argv = sched.fallback_status_argv(missing) if missing else None
+        if argv:
+            r = t.run(argv)
+            if r.returncode == 0:
+                states.update(sched.parse_fallback_status(r.stdout, missing))
+        agents = s.record.mirror.agents()
+        for p in pilots:
+            st = states.get(p.job_id)
+            if st is None:
+                st_name = _fate_from_pool(p, agents)
+                raw = "not known to the scheduler"
+            else:
+                st_name, raw = st.state, st.raw
+            if st_name != p.state:
+                p.state, p.raw = st_name, raw
+                if st_name in FINISHED:
+                    p.ended = time.time()
+                changed.append(p.id)
+    if changed:
+        record.save()
+    return changed
+
+
+def _ask(t, sched, argv, parse, ids, name):
+    try:
+        r = run_checked(t, argv, f"asking {name} about its pilots",
+                        transient=lambda r: sched.transient(r.returncode, r.stderr), timeout=60)
+    except ExternalError as e:
+        if "invalid job id" in (e.stderr or "").lower():
+            return {}  # every job id is gone (squeue refuses them all): use the fallback
+        raise
+    return parse(r.stdout, ids)
+
+
+def _fate_from_pool(p, agents: dict) -> str:
+    """A pilot the scheduler no longer knows: its launchers' end records decide."""
+    mine = [a for k, a in agents.items() if a.get("pilot") == p.id]
+    if mine and all("end" in a for a in mine):
+        return "ended"
+    if mine:
+        return "failed"  # it started, and its launchers never said goodbye
+    return UNKNOWN if time.time() - (p.submitted or 0) < 60 else "failed"
+
+
+def release_dead(s: Session) -> list[str]:
+    """Tokens still locked by pilots that are finished go back to todo, right away."""
+    record = s.record
+    out = []
+    for name in record.resources:
+        dead = [p.id for p in record.pilots.values() if p.resource == name and p.state in FINISHED]
+        if not dead:
+            continue
+        locked = [n for n, d in s.known.items() if d.get("state") == "locked" and d.get("pilot") in dead]
+        if not locked:
+            continue
+        res = record.resource(name)
+        r = s.transport(name).helper("scrub", "stale=1", "pilots=" + json.dumps(dead),
+                                     "names=" + json.dumps(locked),
+                                     "reason=its pilot ended while running it", python=res.python,
+                                     pool=record.pool(name))
+        out += r["scrubbed"]
+    return out
+
+
+def fetch_logs(s: Session, token: str, attempt: int, resource: str) -> dict[str, str]:
+    """stdout and stderr of one attempt, copied into the mirror and returned."""
+    record = s.record
+    t = s.transport(resource)
+    out = {}
+    for ext in ("out", "err"):
+        local = record.directory / "logs" / f"{token}.{attempt}.{ext}"
+        local.parent.mkdir(parents=True, exist_ok=True)
+        if t.get(f"{record.pool(resource)}/logs/{token}.{attempt}.{ext}", local):
+            out[ext] = local.read_text(errors="replace")
+        else:
+            out[ext] = local.read_text(errors="replace") if local.exists() else ""
+    return out
+
+
+def fetch_outputs(s: Session, names: list[str] | None = None) -> int:
+    """Declared outputs of done tokens, copied beside the bundle (same relative paths)."""
+    record = s.record
+    base = Path(record.base_dir)
+    n = 0
+    for task in record.tasks():
+        if not task.outputs or (names is not None and task.name not in names):
+            continue
+        if s.known.get(task.name, {}).get("state") != "done":
+            continue
+        t = s.transport(task.resource)
+        for rel in task.outputs:
+            n += bool(t.get(f"{record.pool(task.resource)}/work/{rel}", base / rel))
+    return n
