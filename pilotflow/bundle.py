@@ -93,7 +93,7 @@ class Bundle:
     @property
     def base_dir(self) -> Path:
         """Where relative inputs, outputs and the default local root are resolved."""
-        return self.path.parent if self.path else Path.cwd()
+        return self.path.parent.resolve() if self.path else Path.cwd()
 
     def resource(self, name: str) -> Resource:
         for r in self.resources:

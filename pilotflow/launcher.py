@@ -369,17 +369,17 @@ class Token(object):
 def start_reaper(pool_root, pilot, agent):
     """Fork a watcher in its own session that holds the read end of a pipe. If the launcher
     dies, even by SIGKILL, the pipe closes and the watcher kills the tasks still registered
-    and hands their tokens back to todo. Returns the write end (or None if fork failed)."""
+    and hands their tokens back to todo. Returns (write end, pid), or (None, None)."""
     r, w = os.pipe()
     try:
         pid = os.fork()
     except OSError:
         os.close(r)
         os.close(w)
-        return None
+        return None, None
     if pid:
         os.close(r)
-        return w
+        return w, pid
     try:
         os.close(w)
         os.setsid()
@@ -410,8 +410,11 @@ def start_reaper(pool_root, pilot, agent):
         os._exit(0)
 
 
-def kill_groups(pgids, grace):
-    """SIGTERM (then SIGKILL after ``grace`` seconds) every process group; wait until gone."""
+def kill_groups(pgids, grace, reap=False):
+    """SIGTERM (then SIGKILL after ``grace`` seconds) every process group; wait until gone.
+
+    With ``reap``, our own children are reaped meanwhile (a zombie child keeps its group
+    "alive" until its parent reaps it)."""
     for sig in ((signal.SIGTERM, signal.SIGKILL) if grace > 0 else (signal.SIGKILL,)):
         for g in pgids:
             try:
@@ -420,18 +423,41 @@ def kill_groups(pgids, grace):
                 pass
         deadline = time.time() + (grace if sig == signal.SIGTERM else 5.0)
         while time.time() < deadline:
-            alive = [g for g in pgids if _group_alive(g)]
-            if not alive:
+            if reap:
+                _reap_all()
+            if not [g for g in pgids if _group_alive(g)]:
                 return
             time.sleep(0.02)
 
 
+def _reap_all():
+    try:
+        while os.waitpid(-1, os.WNOHANG)[0] > 0:
+            pass
+    except OSError:
+        pass
+
+
 def _group_alive(pgid):
+    """Whether any process of the group is still running (zombies do not count)."""
     try:
         os.killpg(pgid, 0)
-        return True
     except OSError as e:
-        return e.errno == errno.EPERM
+        if e.errno != errno.EPERM:
+            return False
+    if not os.path.isdir("/proc"):
+        return True
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open("/proc/%s/stat" % d, "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+        except (OSError, IOError, IndexError):
+            continue
+        if len(fields) > 2 and int(fields[2]) == pgid and fields[0] not in (b"Z", b"X"):
+            return True
+    return False
 
 
 # --- the node agent ----------------------------------------------------------------------------
@@ -562,8 +588,8 @@ class Agent(object):
     # the loop -------------------------------------------------------------------------------
     def run(self):
         self.install_signals()
+        self.reaper, self.reaper_pid = start_reaper(self.pool.root, self.pilot, self.agent)
         self.record()
-        self.reaper = start_reaper(self.pool.root, self.pilot, self.agent)
         self.load()
         os.chdir(self.pool.workdir())
         last_beat = last_poll = last_stale = time.time()
@@ -855,6 +881,7 @@ class Agent(object):
         write_atomic(self.pool.path("agents", self.key + ".json"),
                      dump({"pilot": self.pilot, "agent": self.agent, "host": self.host, "pid": os.getpid(),
                            "start": self.started, "cores": self.cores, "version": VERSION,
+                           "reaper": getattr(self, "reaper_pid", None),
                            "deadline": self.deadline}))
 
     def beat(self):
@@ -865,7 +892,10 @@ class Agent(object):
             self.record()
         for pid, (t, _) in list(self.running.items()):
             if self.pool.released(t.name, t.attempt):
-                kill_groups([pid], grace=1.0)
+                try:
+                    os.killpg(pid, signal.SIGKILL)  # the main loop reaps it
+                except OSError:
+                    pass
 
     def tell_reaper(self, line):
         if self.reaper is not None:
@@ -877,13 +907,8 @@ class Agent(object):
     def shutdown(self):
         """Stop what runs (if anything) and hand those tokens back; leave an end record."""
         if self.running:
-            pids = list(self.running)
-            kill_groups(pids, grace=2.0)
-            for pid in pids:
-                try:
-                    os.waitpid(pid, 0)
-                except OSError:
-                    pass
+            kill_groups(list(self.running), grace=2.0, reap=True)
+            _reap_all()
             for pid, (t, start) in list(self.running.items()):
                 self.pool.release(t.name, self.doc(t, LOCKED, start=start, end=time.time()),
                                   "pilot %s stopped (%s)" % (self.pilot, self.exit_reason))

@@ -62,4 +62,5 @@ class Local(Scheduler):
         return out
 
     def cancel_argv(self, job_ids):
-        return ["/bin/sh", "-c", 'for p; do kill -TERM -- "-$p" 2>/dev/null; done; true', "sh"] + list(job_ids)
+        # no "--": dash's kill does not take it; "-PID" is the process group
+        return ["/bin/sh", "-c", 'for p; do kill -TERM "-$p" 2>/dev/null; done; true', "sh"] + list(job_ids)

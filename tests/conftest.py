@@ -1,0 +1,47 @@
+"""Shared fixtures: a scratch working directory per test, CLI runners, the real daemons."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from tests.daemons.fixtures import *  # noqa: F401,F403  (slurm_cluster, sge_cluster, ssh_server)
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def work(tmp_path, monkeypatch):
+    """A fresh directory to submit from (runs are found from the directory)."""
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def write_bundle(directory: Path, text: str, name: str = "jobs.toml") -> Path:
+    p = directory / name
+    p.write_text(textwrap.dedent(text))
+    return p
+
+
+def cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: float = 300,
+        check: int | None = None) -> subprocess.CompletedProcess:
+    """Run ``python -m pilotflow`` as a user would; optionally assert its exit code."""
+    e = dict(os.environ)
+    e.update(env or {})
+    p = subprocess.run([sys.executable, "-m", "pilotflow", *args], cwd=cwd, env=e, capture_output=True,
+                       text=True, timeout=timeout)
+    if check is not None:
+        assert p.returncode == check, f"exit {p.returncode}\nstdout:\n{p.stdout}\nstderr:\n{p.stderr}"
+    assert "Traceback" not in p.stderr, p.stderr
+    return p
+
+
+def status_json(cwd: Path, run: str | None = None) -> dict:
+    p = cli("status", *([run] if run else []), "--json", cwd=cwd)
+    return json.loads(p.stdout)

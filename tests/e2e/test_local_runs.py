@@ -1,0 +1,177 @@
+"""Complete runs on the local scheduler, as a user runs them (issue: launcher + local runs)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT, cli, status_json, write_bundle
+
+
+def test_examples_complete(work):
+    for example in ("hello", "picas-quick", "fractals"):
+        shutil.copytree(ROOT / "workflows" / example, work / example)
+    for bundle in ("hello/hello.toml", "picas-quick/picas.toml", "fractals/fractals.toml"):
+        run = cli("submit", bundle, "--wait", cwd=work, check=0).stdout.strip()
+        st = status_json(work, run)
+        assert st["finished"] and st["counts"]["done"] == len(st["tokens"]) and st["counts"]["error"] == 0
+    # outputs came back beside the bundle, and the gathering stage saw all 16 renders
+    pngs = sorted((work / "fractals" / "out").glob("*.png"))
+    assert len(pngs) == 16 and all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
+    assert "16 views" in (work / "fractals" / "out" / "index.html").read_text()
+
+
+def test_env_cwd_and_placeholders_reach_the_task(work):
+    write_bundle(work, """
+        [bundle]
+        name = "envs"
+        [[task]]
+        name = "t-{x}"
+        command = "printf '%s|%s|%s|%s|%s' \\"$PILOTFLOW_TOKEN\\" \\"$PILOTFLOW_CORES\\" \\"$GREETING\\" \\"$(basename $(pwd))\\" '{x}' > t-{x}.txt; awk '{print $1}' /dev/null"
+        matrix = { x = ["a"] }
+        env = { GREETING = "it's \\"quoted\\" $HOME" }
+        outputs = ["t-{x}.txt"]
+    """)
+    cli("submit", "jobs.toml", "--wait", cwd=work, check=0)
+    token, cores, greeting, cwd, x = (work / "t-a.txt").read_text().split("|")
+    assert (token, cores, greeting, cwd, x) == ("t-a", "1", "it's \"quoted\" $HOME", "work", "a")
+
+
+def test_failures_retries_and_dependants(work):
+    write_bundle(work, """
+        [bundle]
+        name = "fails"
+        [[task]]
+        name = "flaky"
+        command = "if [ -f flaky.seen ]; then echo second; else touch flaky.seen; echo first >&2; exit 3; fi"
+        retries = 1
+        walltime = "5s"
+        [[task]]
+        name = "broken"
+        command = "echo 'cannot work' >&2; exit 7"
+        retries = 1
+        walltime = "5s"
+        [[task]]
+        name = "needs-broken"
+        command = "echo never"
+        after = ["broken"]
+        [[task]]
+        name = "needs-flaky"
+        command = "echo fine"
+        after = ["flaky"]
+    """)
+    p = cli("submit", "jobs.toml", "--wait", cwd=work, check=1)
+    assert "finished with 2 token(s) in error" in p.stderr
+    st = status_json(work)
+    tok = st["tokens"]
+    assert (tok["flaky"]["state"], tok["flaky"]["attempts"]) == ("done", 2)
+    assert (tok["broken"]["state"], tok["broken"]["attempts"], tok["broken"]["exit_code"]) == ("error", 2, 7)
+    assert tok["needs-broken"]["state"] == "error" and tok["needs-flaky"]["state"] == "done"
+    run = st["run"]
+    mirror = json.loads((work / ".pilotflow/runs" / run / "states/needs-broken.json").read_text())
+    assert mirror["reason"] == "dependency broken ended in error"
+    logs = cli("logs", "broken", cwd=work, check=0).stdout
+    assert "cannot work" in logs and "attempt 2" in logs
+    assert cli("status", cwd=work).returncode == 1  # a finished run with errors
+    # fix the cause and retry the failed tokens: everything ends done
+    (work / "jobs.toml").write_text((work / "jobs.toml").read_text())
+    pool = next((work / ".pilotflow").glob("fails-*/work"))
+    (pool / "fixed").touch()
+    cli("retry", "--failed", cwd=work, check=0)
+    # the retried token still fails (its command did not change), its dependant too
+    cli("wait", cwd=work, check=1)
+    st = status_json(work)
+    assert st["tokens"]["broken"]["attempts"] == 4
+
+
+def test_retry_failed_after_fixing_the_input(work):
+    write_bundle(work, """
+        [bundle]
+        name = "fixme"
+        [[task]]
+        name = "reads"
+        command = "cat input.txt"
+        walltime = "5s"
+        [[task]]
+        name = "after-reads"
+        command = "echo ok"
+        after = ["reads"]
+    """)
+    cli("submit", "jobs.toml", "--wait", cwd=work, check=1)
+    pool = next((work / ".pilotflow").glob("fixme-*/work"))
+    (pool / "input.txt").write_text("now it exists\n")
+    out = cli("retry", "--failed", cwd=work, check=0).stdout
+    assert "2 token(s) scrubbed back to todo" in out
+    cli("wait", cwd=work, check=0)
+    st = status_json(work)
+    assert st["counts"] == {"todo": 0, "locked": 0, "done": 2, "error": 0}
+
+
+def _pids_of(pattern: str) -> list[int]:
+    out = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                if pattern in (d / "cmdline").read_bytes().decode(errors="replace"):
+                    out.append(int(d.name))
+            except OSError:
+                pass
+    return out
+
+
+def _wait_for(cond, timeout=30, step=0.1):
+    end = time.time() + timeout
+    while time.time() < end:
+        v = cond()
+        if v:
+            return v
+        time.sleep(step)
+    raise AssertionError("condition not met in time")
+
+
+def test_cancel_returns_running_tokens_and_leaves_nothing_running(work):
+    write_bundle(work, """
+        [bundle]
+        name = "long"
+        [[task]]
+        name = "sleep-{i}"
+        command = "sleep 300 # pilotflow-cancel-marker"
+        matrix = { i = "1..4" }
+        walltime = "5m"
+    """)
+    run = cli("submit", "jobs.toml", cwd=work, check=0).stdout.strip()
+    _wait_for(lambda: status_json(work)["counts"]["locked"] >= 2)
+    t = time.time()
+    out = cli("cancel", cwd=work, check=0).stdout
+    assert time.time() - t < 15
+    assert "cancelled 1 pilot(s)" in out
+    st = status_json(work)
+    assert st["counts"]["locked"] == 0 and st["counts"]["todo"] == 4
+    assert st["pilots"]["p1"]["state"] in ("ended", "cancelled")
+    assert not _pids_of("pilotflow-cancel-marker")
+    p = cli("wait", cwd=work, check=2)
+    assert "was cancelled" in p.stderr and f"pilotflow retry {run}" in p.stderr
+
+
+def test_unknown_run_and_bad_bundle_are_usage_errors(work):
+    p = cli("status", "nope", cwd=work, check=2)
+    assert "no run 'nope'" in p.stderr
+    p = cli("status", cwd=work, check=2)
+    assert "no runs in" in p.stderr
+    write_bundle(work, '[bundle]\nname = "x"\n[[task]]\nname = "a"\n')
+    p = cli("submit", "jobs.toml", cwd=work, check=2)
+    assert "jobs.toml:3: [[task]] needs a command" in p.stderr
+
+
+def test_runs_lists_newest_first(work):
+    write_bundle(work, '[bundle]\nname = "one"\n[[task]]\nname = "a"\ncommand = "true"\nwalltime = "2s"\n')
+    r1 = cli("submit", "jobs.toml", "--wait", cwd=work, check=0).stdout.strip()
+    r2 = cli("submit", "jobs.toml", "--wait", cwd=work, check=0).stdout.strip()
+    out = cli("runs", cwd=work, check=0).stdout
+    assert out.index(r2) < out.index(r1)
