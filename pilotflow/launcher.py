@@ -466,10 +466,15 @@ class Agent(object):
     """One launcher: claims tokens for one node's cores until no claimable work remains.
 
     Claim order (the planner's simulator follows the same policy): the claimable token of
-    best rank that fits the free cores, free memory and remaining walltime, first among the
+    best rank that fits the free cores, free memory and remaining walltime, among the
     pilot's own planned tokens; once those are all claimed, other tokens of the same or an
-    earlier stage (stealing), but only ones claimable for ``steal_delay`` seconds so that
-    their owner gets them first.
+    earlier stage, taken from the back of the rank order (work stealing: the thief takes
+    what its owner would run last), and only ones claimable for ``steal_delay`` seconds so
+    that their owner gets them first.
+
+    It exits when nothing is claimable and nothing is worth waiting for: own tokens whose
+    dependencies still run elsewhere, stealable tokens still inside their steal delay, and
+    tokens held by launchers whose heartbeat went quiet (taken over once stale).
     """
 
     def __init__(self, pool, pilot, agent=0, cores=1, memory=0, walltime=None, stage=0,
@@ -661,23 +666,27 @@ class Agent(object):
         return n
 
     def pick(self, ready, room, stealing):
+        """The first fitting token (from the back when stealing); it leaves the ready list."""
         now = time.time()
-        i = 0
-        while i < len(ready):
+        order = range(len(ready) - 1, -1, -1) if stealing else range(len(ready))
+        drop = []
+        found = None
+        for i in order:
             t = self.tokens[ready[i][1]]
             if t.status != TODO:
-                del ready[i]
-                t.queued = False
+                drop.append(i)
                 continue
             if (t.cores <= self.free and (not self.memory or t.memory <= self.mem_free)
                     and (room is None or t.walltime <= room)
                     and (not stealing or (t.stage <= self.stage
                                           and now - self.ready_since.get(t.name, 0) >= self.steal_delay))):
-                del ready[i]
-                t.queued = False
-                return t
-            i += 1
-        return None
+                found = t
+                drop.append(i)
+                break
+        for i in sorted(drop, reverse=True):
+            self.tokens[ready[i][1]].queued = False
+            del ready[i]
+        return found
 
     def start(self, t, now):
         log = self.pool.path("logs", "%s.%d" % (t.name, t.attempt))
@@ -832,13 +841,27 @@ class Agent(object):
         return len(self.ready_own) + len(self.ready_other) - before
 
     def worth_waiting(self):
-        """Own tokens blocked by dependencies still running elsewhere, that could fit."""
+        """Whether something may still become claimable for us (see the class docstring)."""
         room = None if self.handback is None else self.handback - time.time()
         for name in self.own_open:
             t = self.tokens[name]
             if t.unmet > 0 and (room is None or t.walltime <= room):
                 return True
-        return False
+        if not self.own_open:
+            for _, name in self.ready_other:
+                t = self.tokens[name]
+                if (t.status == TODO and t.stage <= self.stage and t.cores <= self.cores
+                        and (room is None or t.walltime <= room)):
+                    return True  # still inside its steal delay
+        return bool(self.quiet_agents())
+
+    def quiet_agents(self):
+        """Other launchers, not ended, whose heartbeat is late but not yet stale."""
+        agents = self.pool.agents()
+        now = fs_now(self.pool.path("agents"))
+        late = 2 * max(0.5, min(30.0, self.lock_timeout / 5.0))
+        return [k for k, a in agents.items()
+                if k != self.key and "end" not in a and late < now - a["beat"] <= self.lock_timeout]
 
     # signals, heartbeat, shutdown --------------------------------------------------------------
     def install_signals(self):

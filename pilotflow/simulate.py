@@ -3,7 +3,8 @@
 The policy (mirrored exactly by ``launcher.py``): every node agent, whenever it has free cores,
 claims the claimable token of best rank that fits its free cores, free memory and the
 pilot's remaining walltime — first among its own pilot's planned tokens, and only once those
-are all claimed, among other pilots' tokens of the same or an earlier stage (work stealing).
+are all claimed, among other pilots' tokens of the same or an earlier stage, from the back of
+the rank order (work stealing).
 At one instant, owners claim their newly claimable work before idle pilots steal it. A token is claimable when all
 its dependencies are done. Ranks put long critical paths first (bottom level), then wide,
 then long tasks, which is LPT for independent tasks.
@@ -225,9 +226,10 @@ def simulate(groups: list[SimGroup], pilots: list[SimPilot], *, steal: bool = Tr
 
 def _pick(groups: list[SimGroup], ready: list[tuple[int, int]], node: _Node, room: float,
           left: list[dict[int, int]], pilot: int, stage: int = 0) -> tuple[int, int]:
-    """First group in rank order that fits the node; returns (gid, source pilot) or (-1, -1)."""
+    """First group in rank order that fits the node (last, when stealing: thieves take from
+    the back); returns (gid, source pilot) or (-1, -1)."""
     free, mem = node.free, node.mem
-    for _, gi in ready:
+    for _, gi in (ready if pilot >= 0 else reversed(ready)):
         g = groups[gi]
         if g.cores <= free and g.memory <= mem and g.walltime <= room and (pilot >= 0 or g.stage <= stage):
             if pilot >= 0:

@@ -34,7 +34,7 @@ def reference(tasks, pilots, steal=True):
                     if stealing:
                         if any(state[i] == "todo" and tasks[i]["pilot"] == p for i in order):
                             break
-                        pick = next((i for i in order if fits(i, node, room)), None)
+                        pick = next((i for i in reversed(order) if fits(i, node, room)), None)
                     else:
                         pick = next((i for i in order if tasks[i]["pilot"] == p and fits(i, node, room)), None)
                     if pick is None:

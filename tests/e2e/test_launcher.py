@@ -1,0 +1,224 @@
+"""The launcher on its own: Python 3.6 compatibility, concurrency and faults (SPEC §4)."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from pilotflow.launcher import Pool
+
+LAUNCHER = Path(__file__).resolve().parents[2] / "pilotflow" / "launcher.py"
+
+
+def test_launcher_is_python36_stdlib_only():
+    vermin = Path(sys.executable).with_name("vermin")
+    p = subprocess.run([str(vermin) if vermin.exists() else "vermin", "--no-tips", "--violations", "-t=3.6-",
+                        str(LAUNCHER)], capture_output=True, text=True)
+    assert p.returncode == 0, p.stdout + p.stderr
+    import ast
+    mods = set()
+    for node in ast.walk(ast.parse(LAUNCHER.read_text())):
+        if isinstance(node, ast.Import):
+            mods |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            mods.add(node.module.split(".")[0])
+    assert mods <= sys.stdlib_module_names, mods - sys.stdlib_module_names
+
+
+def make_pool(root: Path, n: int, command: str, plans: dict[str, list[str]] | None = None,
+              lock_timeout: float = 300, **extra) -> Pool:
+    pool = Pool.create(str(root), {"run": "test", "lock_timeout": lock_timeout})
+    tokens = [dict({"name": f"t{i:05d}", "command": command, "walltime": 1, "rank": i}, **extra) for i in range(n)]
+    pool.add_defs(tokens)
+    for pilot, names in (plans or {}).items():
+        pool.write_plan(pilot, names)
+    (root / "work" / "rec").mkdir()
+    return pool
+
+
+def launch(root: Path, pilot: str, cores: int = 1, python: str = sys.executable, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen([python, str(LAUNCHER), "run", str(root), "--pilot", pilot, "--cores", str(cores),
+                             "--poll", "0.1", "--steal-delay", "0.2", *extra],
+                            start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+# Each execution leaves one record file: token, attempt, start and end (ns), so that the test
+# can count executions and find overlaps from the tasks' own clocks.
+RECORD = 'f=rec/$PILOTFLOW_TOKEN.$PILOTFLOW_ATTEMPT.$$; s=$(date +%s%N); {sleep} e=$(date +%s%N); echo "$s $e" > "$f"'
+
+
+def executions(root: Path) -> dict[str, list[tuple[int, int]]]:
+    out: dict[str, list[tuple[int, int]]] = {}
+    for f in (root / "work" / "rec").iterdir():
+        token = f.name.split(".")[0]
+        parts = f.read_text().split()
+        if len(parts) == 2:
+            out.setdefault(token, []).append((int(parts[0]), int(parts[1])))
+    return out
+
+
+def assert_no_overlap(execs: dict[str, list[tuple[int, int]]]) -> None:
+    for token, spans in execs.items():
+        spans = sorted(spans)
+        for (s1, e1), (s2, e2) in zip(spans, spans[1:]):
+            assert s2 >= e1, f"{token} ran twice at the same time: {spans}"
+
+
+def test_runs_under_python36_when_available(tmp_path):
+    py36 = next(iter(glob.glob("/root/.pyenv/versions/3.6*/bin/python3")), None) or shutil.which("python3.6")
+    if not py36 or subprocess.run([py36, "-c", "import sys; assert sys.version_info[:2] == (3, 6)"]).returncode:
+        pytest.skip("no Python 3.6 interpreter on this machine (vermin still checks the syntax)")
+    pool = make_pool(tmp_path, 50, RECORD.format(sleep=""), {"p1": [f"t{i:05d}" for i in range(50)]})
+    p = launch(tmp_path, "p1", 2, py36)
+    assert p.wait(60) == 0, p.stderr.read()
+    assert Counter(d["state"] for d in pool.states().values()) == {"done": 50}
+
+
+def test_eight_launchers_share_one_pool_without_running_a_token_twice(tmp_path):
+    n = 2400
+    names = [f"t{i:05d}" for i in range(n)]
+    # four planned pilots and four that only steal; all on one pool
+    plans = {f"p{k}": names[k - 1::4] for k in range(1, 5)}
+    pool = make_pool(tmp_path, n, RECORD.format(sleep=""), plans)
+    procs = [launch(tmp_path, f"p{k}", 1) for k in range(1, 9)]
+    for p in procs:
+        assert p.wait(300) == 0, p.stderr.read()
+    states = pool.states()
+    assert Counter(d["state"] for d in states.values()) == {"done": n}
+    execs = executions(tmp_path)
+    assert sorted(execs) == names  # nothing lost
+    assert all(len(v) == 1 for v in execs.values())  # each exactly once
+    assert len({d["pilot"] for d in states.values()}) >= 6  # the work was really shared
+
+
+def _pgroup_members(pgid: int) -> list[int]:
+    out = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                fields = (d / "stat").read_bytes().rsplit(b")", 1)[1].split()
+                if int(fields[2]) == pgid and fields[0] not in (b"Z", b"X"):
+                    out.append(int(d.name))
+            except (OSError, IndexError):
+                pass
+    return out
+
+
+def _agent(root: Path, pilot: str) -> dict:
+    for _ in range(100):
+        doc = json.loads((root / "agents" / f"{pilot}.0.json").read_text()) if (root / "agents" / f"{pilot}.0.json").exists() else None
+        if doc and doc.get("reaper"):
+            return doc
+        time.sleep(0.05)
+    raise AssertionError("launcher record missing")
+
+
+def _wait_running(pool: Pool, k: int, timeout: float = 20) -> list[str]:
+    end = time.time() + timeout
+    while time.time() < end:
+        locked = [n for n, d in pool.states().items() if d["state"] == "locked"]
+        if len(locked) >= k:
+            return locked
+        time.sleep(0.05)
+    raise AssertionError("tasks did not start")
+
+
+def test_sigterm_hands_tokens_back_within_two_seconds(tmp_path):
+    pool = make_pool(tmp_path, 4, RECORD.format(sleep="sleep 60;"), {"p1": [f"t{i:05d}" for i in range(4)]})
+    p = launch(tmp_path, "p1", 2)
+    locked = _wait_running(pool, 2)
+    t = time.time()
+    p.send_signal(signal.SIGTERM)
+    assert p.wait(10) == 0
+    assert time.time() - t < 2.5
+    states = pool.states()
+    for name in locked:
+        assert states[name]["state"] == "todo" and "stopped" in states[name]["reason"]
+    assert not _pgroup_members(p.pid) or all(m == p.pid for m in _pgroup_members(p.pid))
+    end = json.loads((tmp_path / "agents" / "p1.0.end").read_text())
+    assert "signal 15" in end["reason"]
+
+
+def test_sigkill_of_the_launcher_alone_kills_its_tasks_and_returns_tokens(tmp_path):
+    pool = make_pool(tmp_path, 2, RECORD.format(sleep="sleep 60;"), {"p1": ["t00000", "t00001"]})
+    p = launch(tmp_path, "p1", 2)
+    locked = _wait_running(pool, 2)
+    task_groups = [int(pid) for pid in os.listdir("/proc") if pid.isdigit() and _is_task_of(int(pid), p.pid)]
+    assert task_groups
+    os.kill(p.pid, signal.SIGKILL)  # the launcher only: not its group
+    p.wait(5)
+    end = time.time() + 5
+    while time.time() < end and any(_pgroup_members(g) for g in task_groups):
+        time.sleep(0.05)
+    assert not any(_pgroup_members(g) for g in task_groups), "tasks outlived their launcher"
+    states = pool.states()
+    assert all(states[n]["state"] == "todo" for n in locked)
+    assert all("died" in states[n]["reason"] for n in locked)
+
+
+def _is_task_of(pid: int, launcher: int) -> bool:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_bytes().rsplit(b")", 1)[1].split()
+        return int(fields[1]) == launcher and int(fields[2]) == pid
+    except (OSError, IndexError):
+        return False
+
+
+def test_killed_pilot_group_then_retry_stale_finishes_everything_once(tmp_path):
+    n = 6
+    names = [f"t{i:05d}" for i in range(n)]
+    pool = make_pool(tmp_path, n, RECORD.format(sleep="sleep 1;"), {"p1": names}, lock_timeout=2)
+    p = launch(tmp_path, "p1", 2)
+    _wait_running(pool, 2)
+    reaper = _agent(tmp_path, "p1")["reaper"]
+    # a node crash: the launcher's group, its reaper and every task die at once
+    for pid in [int(x) for x in os.listdir("/proc") if x.isdigit()]:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_bytes().rsplit(b")", 1)[1].split()
+            if int(fields[3]) == p.pid or pid in (p.pid, reaper) or int(fields[1]) == p.pid:
+                os.kill(pid, signal.SIGKILL)
+        except (OSError, IndexError):
+            pass
+    p.wait(5)
+    time.sleep(2.5)  # longer than lock_timeout: the heartbeat is stale now
+    scrubbed = pool.scrub(stale=True)
+    assert scrubbed  # the tokens it held went back to todo
+    q = launch(tmp_path, "p2", 2)
+    assert q.wait(60) == 0
+    assert Counter(d["state"] for d in pool.states().values()) == {"done": n}
+    execs = executions(tmp_path)
+    assert sorted(execs) == names
+    assert_no_overlap(execs)
+
+
+def test_another_pilot_takes_over_a_dead_pilots_tokens_by_itself(tmp_path):
+    n = 8
+    names = [f"t{i:05d}" for i in range(n)]
+    pool = make_pool(tmp_path, n, RECORD.format(sleep="sleep 1;"), {"p1": names[:4], "p2": names[4:]},
+                     lock_timeout=2)
+    p1 = launch(tmp_path, "p1", 2)
+    _wait_running(pool, 2)
+    reaper = _agent(tmp_path, "p1")["reaper"]
+    os.kill(reaper, signal.SIGKILL)  # no reaper: the tokens stay locked, as after a node crash
+    os.killpg(p1.pid, signal.SIGKILL)
+    p1.wait(5)
+    p2 = launch(tmp_path, "p2", 2)  # lock_timeout 2 s: p2 takes p1's work without a person
+    assert p2.wait(60) == 0
+    states = pool.states()
+    assert Counter(d["state"] for d in states.values()) == {"done": n}
+    assert all(states[x]["pilot"] == "p2" for x in names)
+    execs = executions(tmp_path)
+    assert sorted(execs) == names
+    assert_no_overlap(execs)
+    taken = [x for x in names[:4] if states[x]["attempt"] > 1]
+    assert taken  # what p1 was running was run again, as a new attempt
