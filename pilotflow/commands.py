@@ -66,7 +66,7 @@ def wait(args: Namespace) -> int:
 def _wait(run: str, watch_only: bool = False) -> int:
     from pilotflow.views import Progress
     record = find_run(run)
-    delay = 0.5
+    delay = 0.25
     with Session(record) as s, Progress(record) as view:
         while True:
             snap = _sync(s)
@@ -79,6 +79,8 @@ def _wait(run: str, watch_only: bool = False) -> int:
                     raise RunFailed(f"run {record.run} finished with {counts['error']} token(s) in error: "
                                     f"see `pilotflow status {record.run}` and `pilotflow logs {record.run} TOKEN`")
                 return 0
+            # poll often while tokens change, back off (to 5 s) while nothing does
+            delay = 0.25 if snap.changed else min(delay * 1.5, 5.0)
             alive = [p for p in record.pilots.values() if p.state not in ("ended", "failed", "cancelled")]
             if not alive and not watch_only:
                 if record.cancelled:
@@ -93,7 +95,6 @@ def _wait(run: str, watch_only: bool = False) -> int:
                 view.note(f"submitted {n} follow-up pilot(s)")
                 delay = 0.5
             time.sleep(delay)
-            delay = min(delay * 1.5, 5.0)
 
 
 def _followup(s: Session, snap, why: str) -> int:

@@ -1,9 +1,12 @@
 """Run records and the local mirror under ./.pilotflow/runs/RUN/.
 
 ``run.json`` says where a run's pools are and which pilots it submitted; ``tasks.json`` keeps
-the tasks as submitted (for retries and reports); ``states/TOKEN.json`` mirror the pool's
-state files, each replaced atomically, and ``sync.json`` (the per-resource sync cursor) is
-written last, so a sync killed at any point leaves a consistent mirror the next sync completes.
+the tasks as submitted (for retries and reports). The token states are mirrored in
+``states.jsonl``, a journal: each sync appends the states that changed in one write (the
+last record of a token wins; a torn last line from a killed sync is ignored) and
+``sync.json``, the per-resource sync cursor, is written after it, so a sync killed at any
+point leaves a consistent mirror that the next sync completes. The journal is compacted
+(atomically rewritten) when it holds twice as many records as tokens.
 """
 
 from __future__ import annotations
@@ -161,34 +164,57 @@ def list_runs(cwd: Path | None = None) -> list[RunRecord]:
 
 
 class Mirror:
-    """The local copy of a run's token states."""
+    """The local copy of a run's token states (see the module docstring)."""
 
     def __init__(self, directory: Path):
         self.dir = directory
-        self.states_dir = directory / "states"
+        self.journal = directory / "states.jsonl"
 
     def states(self) -> dict[str, dict]:
-        out = {}
-        if self.states_dir.is_dir():
-            with os.scandir(self.states_dir) as it:
-                for e in it:
-                    if e.name.endswith(".json"):
-                        doc = read_json(e.path)
-                        if doc is not None:
-                            out[e.name[:-5]] = doc
+        out: dict[str, dict] = {}
+        try:
+            f = open(self.journal, "rb")
+        except FileNotFoundError:
+            return out
+        with f:
+            for line in f:
+                try:
+                    doc = json.loads(line)
+                except ValueError:
+                    continue  # a record torn by an interrupted sync: the next sync re-sends it
+                out[doc["token"]] = doc
         return out
 
     def update(self, docs: dict[str, dict], known: dict[str, dict]) -> list[str]:
-        """Write the states that differ from ``known`` (which is updated); returns their names."""
-        self.states_dir.mkdir(parents=True, exist_ok=True)
-        changed = []
-        for name, doc in docs.items():
-            if known.get(name) == doc:
-                continue
-            write_atomic(str(self.states_dir / f"{name}.json"), dump(doc))
-            known[name] = doc
-            changed.append(name)
+        """Append the states that differ from ``known`` (which is updated); returns their names."""
+        changed = [n for n, d in docs.items() if known.get(n) != d]
+        if not changed:
+            return []
+        records = []
+        for n in changed:
+            doc = dict(docs[n], token=n)
+            known[n] = docs[n]
+            records.append(json.dumps(doc, separators=(",", ":"), sort_keys=True))
+        data = ("\n".join(records) + "\n").encode()
+        fd = os.open(self.journal, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        try:
+            os.write(fd, data)
+        finally:
+            os.close(fd)
         return changed
+
+    def compact(self, known: dict[str, dict]) -> None:
+        """Rewrite the journal with one record per token if it grew past twice that."""
+        try:
+            with open(self.journal, "rb") as f:
+                lines = sum(1 for _ in f)
+        except FileNotFoundError:
+            return
+        if lines <= 2 * max(len(known), 1000):
+            return
+        data = "".join(json.dumps(dict(d, token=n), separators=(",", ":"), sort_keys=True) + "\n"
+                       for n, d in known.items())
+        write_atomic(str(self.journal), data.encode())
 
     def cursor(self) -> dict:
         return read_json(str(self.dir / "sync.json")) or {}

@@ -78,7 +78,8 @@ def sync_states(s: Session) -> Snapshot:
             agents[k] = dict(v, resource=name)
         cursor[name] = doc["now"]
     mirror.set_agents(agents)
-    mirror.set_cursor(cursor)  # last: an interrupted sync is simply redone
+    mirror.set_cursor(cursor)  # after the states: an interrupted sync is simply redone
+    mirror.compact(s.known)
     return Snapshot(states=s.known, changed=changed, agents=agents)
 
 

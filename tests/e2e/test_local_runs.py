@@ -74,8 +74,9 @@ def test_failures_retries_and_dependants(work):
     assert (tok["broken"]["state"], tok["broken"]["attempts"], tok["broken"]["exit_code"]) == ("error", 2, 7)
     assert tok["needs-broken"]["state"] == "error" and tok["needs-flaky"]["state"] == "done"
     run = st["run"]
-    mirror = json.loads((work / ".pilotflow/runs" / run / "states/needs-broken.json").read_text())
-    assert mirror["reason"] == "dependency broken ended in error"
+    from pilotflow.runs import Mirror
+    mirror = Mirror(work / ".pilotflow/runs" / run).states()
+    assert mirror["needs-broken"]["reason"] == "dependency broken ended in error"
     logs = cli("logs", "broken", cwd=work, check=0).stdout
     assert "cannot work" in logs and "attempt 2" in logs
     assert cli("status", cwd=work).returncode == 1  # a finished run with errors

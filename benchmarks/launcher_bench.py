@@ -1,0 +1,108 @@
+#!/usr/bin/env python3
+"""Null tasks (`true`) per second: pilotflow's launcher vs the fork/exec ceiling vs HyperQueue.
+
+    python benchmarks/launcher_bench.py [--tasks 3000] [--repeat 3]
+
+Side by side in one run, on the same machine, each configuration repeated and the median
+kept (this machine is shared and noisy: compare the ratios, not the absolute rates):
+  xargs       seq N | xargs -P CORES -n1 sh -c true     (the fork/exec ceiling)
+  pilotflow   `pilotflow submit bundle.toml --wait` of N `true` tasks on the local resource,
+              timed end to end through the CLI (planning, pool, pilot start, sync included),
+              with one state file per token kept all the while
+  launcher    the same pilot's launcher alone, timed from its start to its exit
+  hyperqueue  HyperQueue's Python API: LocalCluster + one worker (all cores), one Job of N
+              `sh -c true` programs (stdout/stderr to a file per task, its default), timed
+              from submit to wait_for_jobs' return
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def bench_xargs(n: int, cores: int) -> float:
+    t = time.perf_counter()
+    subprocess.run(f"seq {n} | xargs -P {cores} -n1 sh -c true", shell=True, check=True)
+    return n / (time.perf_counter() - t)
+
+
+def bench_pilotflow(n: int, cores: int) -> tuple[float, float]:
+    d = Path(tempfile.mkdtemp(prefix="pf-bench-"))
+    try:
+        (d / "b.toml").write_text(f'[bundle]\nname = "null"\n[[resource]]\nname = "local"\nscheduler = "local"\n'
+                                  f'cores_per_node = {cores}\n[[task]]\nname = "t{{i}}"\ncommand = "true"\n'
+                                  f'matrix = {{ i = "1..{n}" }}\nwalltime = "1s"\n')
+        t = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "pilotflow", "submit", "b.toml", "--wait"], cwd=d, check=True,
+                       capture_output=True)
+        e2e = n / (time.perf_counter() - t)
+        pool = next((d / ".pilotflow").glob("null-*"))
+        agent = json.loads((pool / "agents" / "p1.0.json").read_text())
+        end = json.loads((pool / "agents" / "p1.0.end").read_text())
+        states = list((pool / "state").glob("*.json"))
+        assert len(states) == n, f"{len(states)} state files for {n} tokens"
+        return e2e, n / (end["end"] - agent["start"])
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def bench_hyperqueue(n: int) -> float | None:
+    try:
+        from hyperqueue import Job, LocalCluster
+    except ImportError:
+        return None
+    d = Path(tempfile.mkdtemp(prefix="hq-bench-"))
+    try:
+        with LocalCluster(server_dir=str(d)) as cluster:
+            cluster.start_worker()
+            client = cluster.client()
+            job = Job()
+            for _ in range(n):  # stdout/stderr to a file per task, as pilotflow's logs
+                job.program(["sh", "-c", "true"], cwd=str(d))
+            t = time.perf_counter()
+            submitted = client.submit(job)
+            client.wait_for_jobs([submitted])
+            return n / (time.perf_counter() - t)
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--tasks", type=int, default=3000)
+    ap.add_argument("--repeat", type=int, default=3)
+    a = ap.parse_args()
+    cores = len(os.sched_getaffinity(0))
+    rates: dict[str, list[float]] = {"xargs": [], "pilotflow": [], "launcher": [], "hyperqueue": []}
+    for _ in range(a.repeat):  # interleaved, so that drift hits every tool alike
+        rates["xargs"].append(bench_xargs(a.tasks, cores))
+        e2e, alone = bench_pilotflow(a.tasks, cores)
+        rates["pilotflow"].append(e2e)
+        rates["launcher"].append(alone)
+        hq = bench_hyperqueue(a.tasks)
+        if hq is not None:
+            rates["hyperqueue"].append(hq)
+    med = {k: statistics.median(v) for k, v in rates.items() if v}
+    print(f"{a.tasks} null tasks, {cores} cores, median of {a.repeat} interleaved runs (tasks/s):")
+    for k in ("xargs", "pilotflow", "launcher", "hyperqueue"):
+        if k in med:
+            print(f"  {k:<11} {med[k]:8.0f}   runs: {', '.join(f'{r:.0f}' for r in rates[k])}")
+    print("ratios:")
+    for k in ("pilotflow", "launcher"):
+        line = f"  {k:<11} {med[k] / med['xargs']:.2f} of the xargs ceiling"
+        if "hyperqueue" in med:
+            line += f", {med[k] / med['hyperqueue']:.2f}× HyperQueue"
+        print(line)
+
+
+if __name__ == "__main__":
+    main()
