@@ -500,7 +500,7 @@ class Agent(object):
         self.poll = poll
         self.steal_delay = steal_delay
         self.warn_grace = warn_grace
-        self.host = socket.gethostname()
+        self.host = node_name()
         self.tokens = {}
         self.ready_own = []
         self.ready_other = []
@@ -942,6 +942,12 @@ class Agent(object):
         if self.reaper is not None:
             os.close(self.reaper)
             self.reaper = None
+
+
+def node_name():
+    """The node as the scheduler names it (several slurmd may share one hostname), else the
+    host name."""
+    return os.environ.get("SLURMD_NODENAME") or socket.gethostname()
 
 
 def _pilot_number(pid):
