@@ -946,8 +946,8 @@ class Agent(object):
 
 def node_name():
     """The node as the scheduler names it (several slurmd may share one hostname), else the
-    host name."""
-    return os.environ.get("SLURMD_NODENAME") or socket.gethostname()
+    host name; PILOTFLOW_NODE overrides both."""
+    return os.environ.get("PILOTFLOW_NODE") or os.environ.get("SLURMD_NODENAME") or socket.gethostname()
 
 
 def _pilot_number(pid):

@@ -6,7 +6,8 @@ the number of full pilots and the work left to one remainder pilot; hand out the
 every pilot (nodes, walltime) by simulating it on each allowed node count and keeping the
 cheapest; then simulate all pilots together, as the launchers will run them, and repair
 (grow a pilot, or add one for what is left) until every task fits. Walltimes are the
-simulated makespan plus ``walltime_margin``, rounded up to the scheduler's granularity.
+simulated makespan plus ``walltime_margin`` plus a fixed overhead for the launcher's start and
+hand-back guard, rounded up to the scheduler's granularity.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from pilotflow.bundle import Bundle, Resource, Task
 from pilotflow.errors import BundleError
 from pilotflow.grouping import Group, build_groups
 from pilotflow.packing import Shape, TooFewPilots, solver_name, split, volume_bound
-from pilotflow.sizing import Counts, Size, Stage, fill_full, hand_out, members, repair, size
+from pilotflow.sizing import PILOT_OVERHEAD_S, Counts, Size, Stage, fill_full, hand_out, members, repair, size
 from pilotflow.units import format_duration
 
 # Walltime granularity of each scheduler's directive (Slurm's --time counts minutes).
@@ -102,8 +103,9 @@ class Plan:
 
 
 def make_plan(bundle: Bundle, *, margin: float | None = None, first_pilot: int = 1,
-              only: list[int] | None = None) -> Plan:
-    """Plan ``bundle`` (or just the tasks ``only``); ``margin`` overrides every resource's."""
+              only: list[int] | None = None, overhead: float | None = None) -> Plan:
+    """Plan ``bundle`` (or just the tasks ``only``); ``margin`` overrides every resource's;
+    ``overhead`` (default: sizing.PILOT_OVERHEAD_S) is the fixed time added to each pilot."""
     started = time.perf_counter()
     tasks = bundle.tasks
     indices = list(range(len(tasks))) if only is None else sorted(only)
@@ -117,7 +119,8 @@ def make_plan(bundle: Bundle, *, margin: float | None = None, first_pilot: int =
         if not mine:
             continue
         m = res.walltime_margin if margin is None else margin
-        rp, rank_key, used = _plan_resource(bundle, res, mine, m)
+        rp, rank_key, used = _plan_resource(bundle, res, mine, m,
+                                            PILOT_OVERHEAD_S if overhead is None else overhead)
         used_solver = used_solver or used
         rp.why = why.get(res.name, "")
         for p in rp.pilots:
@@ -130,7 +133,7 @@ def make_plan(bundle: Bundle, *, margin: float | None = None, first_pilot: int =
                 seconds=time.perf_counter() - started)
 
 
-def _plan_resource(bundle: Bundle, res: Resource, indices: list[int], margin: float):
+def _plan_resource(bundle: Bundle, res: Resource, indices: list[int], margin: float, overhead: float):
     """Plan one resource, in stages when dependency chains are longer than a pilot may live.
 
     Stage k's pilots start after every pilot of stage k-1 has ended. Tasks a stage cannot
@@ -152,7 +155,7 @@ def _plan_resource(bundle: Bundle, res: Resource, indices: list[int], margin: fl
             _stages(tasks, remaining, wmax)[0]
         whole = stage == 0 and len(part) == len(indices)
         groups, gid_of = (groups_all, gid_all) if whole else build_groups(tasks, part)
-        stage_pilots, stage_lb, used, overflow = _plan_stage(bundle, res, groups, margin)
+        stage_pilots, stage_lb, used, overflow = _plan_stage(bundle, res, groups, margin, overhead)
         used_solver = used_solver or used
         if whole:
             lb = stage_lb
@@ -215,11 +218,11 @@ def _topological(tasks: list[Task], indices: list[int], by_name: dict[str, int])
     return order
 
 
-def _plan_stage(bundle: Bundle, res: Resource, groups: list[Group], margin: float):
+def _plan_stage(bundle: Bundle, res: Resource, groups: list[Group], margin: float, overhead: float):
     """Pilots for one stage: MILP split, full pilots checked alone, remainder sized, all
     verified together. Returns (pilots, lower bound, solver, tasks moved to the next stage)."""
     tasks = bundle.tasks
-    st = Stage(groups, res, margin, WALLTIME_STEP.get(res.scheduler, 1))
+    st = Stage(groups, res, margin, WALLTIME_STEP.get(res.scheduler, 1), overhead)
     shapes, shape_groups = _shapes(groups, res)
     used_solver = ""
     if st.cap is None:

@@ -176,10 +176,23 @@ def simulate(groups: list[SimGroup], pilots: list[SimPilot], *, steal: bool = Tr
         if released:
             for p in exhausted_set:
                 thieves.update(pilot_nodes[p])
-        for i in sorted(thieves):
+        # one pass in node order; a theft can exhaust another pilot, whose later nodes then
+        # steal in this same pass (as they would at this instant)
+        queue = sorted(thieves)
+        heapq.heapify(queue)
+        seen = set(queue)
+        while queue:
+            i = heapq.heappop(queue)
             node = nodes[i]
             if node.hungry and pilots[node.pilot].start <= now:
                 take(i, now, True)
+            for p in list(just_exhausted):
+                exhausted_set.add(p)
+                for j in pilot_nodes[p]:
+                    if j > i and j not in seen:
+                        seen.add(j)
+                        heapq.heappush(queue, j)
+            just_exhausted.clear()
 
     now = min((p.start for p in pilots), default=0.0)
     pending_starts = sorted({p.start for p in pilots if p.start > now})

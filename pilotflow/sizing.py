@@ -1,8 +1,9 @@
 """One stage of one resource: from the MILP's split to sized, simulation-checked pilots.
 
-The margin is reserved, not squeezed: a pilot's planned work must end within
-``walltime / (1 + margin)``, so a full pilot plans ``max_walltime / (1 + margin)`` of work and
-still asks for at most ``max_walltime``.
+A pilot's walltime is its planned work × (1 + margin) + a fixed ``overhead`` (the launcher's
+start-up and the guard before the deadline at which it hands running tokens back). Both are
+reserved, not squeezed: a full pilot plans ``(max_walltime - overhead) / (1 + margin)`` of
+work and still asks for at most ``max_walltime``.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pilotflow.grouping import Group
 from pilotflow.simulate import SimGroup, SimPilot, simulate
 
 Counts = dict[int, int]  # group id → number of its tasks in a pilot
+PILOT_OVERHEAD_S = 20  # seconds per pilot for the launcher's start and its hand-back guard
 
 
 @dataclass
@@ -30,6 +32,7 @@ class Stage:
     res: Resource
     margin: float
     step: int  # walltime granularity of the scheduler
+    overhead: float = PILOT_OVERHEAD_S
 
     @property
     def cap(self) -> float | None:
@@ -38,17 +41,17 @@ class Stage:
         w = self.res.max_walltime_s
         if w is None:
             return None
-        return max(w / (1 + self.margin), max((g.walltime for g in self.groups), default=0))
+        return max((w - self.overhead) / (1 + self.margin), max((g.walltime for g in self.groups), default=0))
 
     def walltime(self, span: float) -> int:
-        w = max(math.ceil(span * (1 + self.margin) / self.step - 1e-9) * self.step, self.step)
+        w = max(math.ceil((span * (1 + self.margin) + self.overhead) / self.step - 1e-9) * self.step, self.step)
         wmax = self.res.max_walltime_s
         return w if wmax is None else min(w, wmax)
 
     def usable(self, walltime: int) -> float | None:
         if self.res.max_walltime_s is None:
             return None
-        return max(walltime / (1 + self.margin), min(walltime, self.cap))
+        return max((walltime - self.overhead) / (1 + self.margin), min(walltime, self.cap))
 
     def sim_groups(self, counts: list[Counts]) -> list[SimGroup]:
         return [SimGroup(cores=g.cores, walltime=g.walltime, memory=g.memory, deps=g.deps, rank=g.rank,
@@ -149,22 +152,32 @@ def size(st: Stage, count: Counts) -> Size:
     return best[1]
 
 
+STEAL_ROUNDS = 12  # joint checks with work stealing before falling back to owners-only checks
+
+
 def repair(st: Stage, counts: list[Counts], sizes: list[Size]) -> tuple[list[Counts], list[Size], Counts]:
     """Simulate all pilots together, as their launchers will run, and fix what does not fit.
 
     Returns (counts, sizes, overflow): overflow is work this stage cannot finish because its
     dependencies end too late; the caller moves it to the next stage.
+
+    Termination: stealing can make a schedule slightly worse (list-scheduling anomalies), so
+    after STEAL_ROUNDS the check runs owners-only. Then every pilot runs exactly its own work,
+    each pilot's own work fits it alone, and what is left can only be waiting for
+    dependencies: it moves to the next stage.
     """
     res = st.res
     overflow: Counts = {}
+    rounds = 0
     while True:
+        rounds += 1
         keep = [p for p, c in enumerate(counts) if c]
         counts, sizes = [counts[p] for p in keep], [sizes[p] for p in keep]
         if not counts:
             return counts, sizes, overflow
         pilots = [SimPilot(s.nodes, res.cores_per_node, res.memory_per_node_mb, st.usable(s.walltime))
                   for s in sizes]
-        r = simulate(st.sim_groups(counts), pilots)
+        r = simulate(st.sim_groups(counts), pilots, steal=rounds <= STEAL_ROUNDS)
         if r.complete:
             return counts, sizes, overflow
         grown = False
@@ -181,12 +194,12 @@ def repair(st: Stage, counts: list[Counts], sizes: list[Size]) -> tuple[list[Cou
                 if not counts[p][gi]:
                     del counts[p][gi]
                 extra[gi] = extra.get(gi, 0) + k
-        if any(st.groups[gi].deps for gi in extra):
+        if any(st.groups[gi].deps for gi in extra) or rounds > STEAL_ROUNDS:
             for gi, k in extra.items():
                 overflow[gi] = overflow.get(gi, 0) + k
             continue
         # a capacity shortfall: the pilot with the most slack takes the work if it still
-        # fits one pilot, otherwise one more pilot does
+        # fits one pilot, otherwise new pilots do, each filled only with what fits it
         target = min(range(len(counts)), key=lambda p: sizes[p].walltime)
         merged = dict(counts[target])
         for gi, k in extra.items():
@@ -194,9 +207,20 @@ def repair(st: Stage, counts: list[Counts], sizes: list[Size]) -> tuple[list[Cou
         s = size(st, merged)
         if st.cap is None or s.span <= st.cap:
             counts[target], sizes[target] = merged, s
-        else:
-            counts.append(extra)
-            sizes.append(size(st, extra))
+            continue
+        new: list[Counts] = []
+        while extra:
+            r1 = st.alone(extra, res.max_nodes, st.cap)
+            fits = {gi: k - r1.left[0].get(gi, 0) for gi, k in extra.items() if k - r1.left[0].get(gi, 0)}
+            if not fits:  # nothing fits even alone: only dependencies can explain it
+                for gi, k in extra.items():
+                    overflow[gi] = overflow.get(gi, 0) + k
+                break
+            new.append(fits)
+            extra = dict(r1.left[0])
+        for c in new:
+            counts.append(c)
+            sizes.append(size(st, c))
 
 
 def members(groups: list[Group], counts: list[Counts]) -> list[list[int]]:

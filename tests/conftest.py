@@ -42,6 +42,7 @@ def cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: f
     return p
 
 
-def status_json(cwd: Path, run: str | None = None) -> dict:
-    p = cli("status", *([run] if run else []), "--json", cwd=cwd)
+def status_json(cwd: Path, run: str | None = None, env: dict | None = None) -> dict:
+    p = cli("status", *([run] if run else []), "--json", cwd=cwd, env=env)
+    assert p.returncode in (0, 1), p.stderr
     return json.loads(p.stdout)

@@ -28,7 +28,7 @@ def same(n, **kw):
 
 
 def test_1000_one_hour_tasks_need_one_pilot_of_21_node_hours():
-    plan = make_plan(bundle(same(1000, walltime_s=3600), slurm()), margin=0)
+    plan = make_plan(bundle(same(1000, walltime_s=3600), slurm()), margin=0, overhead=0)
     (r,) = plan.resources
     assert len(r.pilots) == 1 and r.lower_bound_pilots == 1
     p = r.pilots[0]
@@ -38,22 +38,25 @@ def test_1000_one_hour_tasks_need_one_pilot_of_21_node_hours():
 
 def test_700_tasks_make_five_full_pilots_and_a_small_one():
     plan = make_plan(bundle(same(700, cores=2, walltime_s=1800),
-                            slurm(cores_per_node=16, max_nodes=2, max_walltime_s=4 * 3600)), margin=0)
+                            slurm(cores_per_node=16, max_nodes=2, max_walltime_s=4 * 3600)), margin=0, overhead=0)
     (r,) = plan.resources
     assert len(r.pilots) == 6 == r.lower_bound_pilots
     assert r.node_hours == 44  # an even split gives 48
     assert sorted(len(p.tasks) for p in r.pilots) == [60, 128, 128, 128, 128, 128]
 
 
-def test_margin_and_slurm_minute_granularity():
+def test_margin_overhead_and_slurm_minute_granularity():
     plan = make_plan(bundle(same(4, walltime_s=100), slurm(cores_per_node=2, max_nodes=1)), margin=0.1)
     p = plan.pilots[0]
-    assert p.makespan_s == 200 and p.walltime_s == 240  # 220 s rounded up to whole minutes
+    # 200 s of work × 1.1 + 20 s for the launcher's start and hand-back guard = 240 s: 4 minutes
+    assert p.makespan_s == 200 and p.walltime_s == 240
+    plan = make_plan(bundle(same(4, walltime_s=100), slurm(cores_per_node=2, max_nodes=1)), margin=0.15)
+    assert plan.pilots[0].walltime_s == 300  # 250 s rounds up to 5 minutes
 
 
 def test_margin_is_reserved_and_never_exceeds_max_walltime():
     res = slurm(cores_per_node=1, max_nodes=1, max_walltime_s=7200)
-    plan = make_plan(bundle(same(2, walltime_s=3600), res), margin=0.5)
+    plan = make_plan(bundle(same(2, walltime_s=3600), res), margin=0.5, overhead=0)
     assert [p.walltime_s for p in plan.pilots] == [5400, 5400]  # 2 h of work would leave no margin
     plan = make_plan(bundle(same(1, walltime_s=7000), res), margin=0.5)
     assert [p.walltime_s for p in plan.pilots] == [7200]  # a task as long as the limit squeezes it
@@ -61,18 +64,19 @@ def test_margin_is_reserved_and_never_exceeds_max_walltime():
 
 def test_local_resource_is_one_pilot_without_limit():
     r = Resource(name="local", scheduler="local", cores_per_node=2, max_walltime_s=None)
-    plan = make_plan(bundle(same(5, walltime_s=10), r), margin=0)
+    plan = make_plan(bundle(same(5, walltime_s=10), r), margin=0, overhead=0)
     assert [(p.nodes, p.walltime_s, len(p.tasks)) for p in plan.pilots] == [(1, 30, 5)]
 
 
 def test_max_pilots_too_small_is_a_bundle_error_with_the_needed_count():
+    # 4 h minus the 20 s pilot overhead leaves room for 7 half-hour waves, not 8: 7 pilots
     b = bundle_from_dict({"bundle": {"name": "b"}, "resource": [
         {"name": "c", "scheduler": "slurm", "cores_per_node": 16, "max_nodes": 2, "max_walltime": "4h",
          "max_pilots": 3, "walltime_margin": 0}], "task": [{"name": "t{i}", "command": "x", "matrix": {"i": "1..700"},
                                       "cores": 2, "walltime": "30m"}]})
     with pytest.raises(BundleError) as e:
         make_plan(b)
-    assert e.value.problems == ["<bundle>: [resource.max_pilots] resource 'c': its 700 tasks need at least 6 pilots "
+    assert e.value.problems == ["<bundle>: [resource.max_pilots] resource 'c': its 700 tasks need at least 7 pilots "
                                 "of 2 node(s) × 4h but max_pilots = 3; raise max_pilots, max_nodes or "
                                 "max_walltime, or move tasks to another resource"]
 
@@ -81,7 +85,7 @@ def test_dependencies_are_respected_by_the_sized_walltime():
     tasks = [Task(name="prep", command="x", walltime_s=300)]
     tasks += [Task(name=f"r{i}", command="x", walltime_s=600, after=("prep",)) for i in range(8)]
     tasks += [Task(name="gather", command="x", walltime_s=120, after=tuple(f"r{i}" for i in range(8)))]
-    plan = make_plan(bundle(tasks, slurm(cores_per_node=4, max_nodes=2)), margin=0)
+    plan = make_plan(bundle(tasks, slurm(cores_per_node=4, max_nodes=2)), margin=0, overhead=0)
     (p,) = plan.pilots
     assert (p.nodes, p.makespan_s) == (1, 300 + 2 * 600 + 120)  # fewer node-hours than 2 nodes
     order = sorted(plan.rank, key=plan.rank.get)
@@ -89,7 +93,7 @@ def test_dependencies_are_respected_by_the_sized_walltime():
 
 
 def test_json_matches_spec_keys():
-    plan = make_plan(bundle(same(3, walltime_s=60), slurm()), margin=0)
+    plan = make_plan(bundle(same(3, walltime_s=60), slurm()), margin=0, overhead=0)
     doc = plan.to_json()
     assert set(doc) == {"bundle", "tasks", "resources"}
     (r,) = doc["resources"]
@@ -103,7 +107,7 @@ def test_json_matches_spec_keys():
 def test_several_resources_fewest_pilots_then_shortest_makespan():
     small = Resource(name="small", scheduler="slurm", cores_per_node=4, max_nodes=1, max_walltime_s=3600)
     big = Resource(name="big", scheduler="slurm", cores_per_node=64, max_nodes=2, max_walltime_s=3600)
-    plan = make_plan(bundle(same(100, walltime_s=600), small, big), margin=0)
+    plan = make_plan(bundle(same(100, walltime_s=600), small, big), margin=0, overhead=0)
     assert [r.resource.name for r in plan.resources] == ["big"]
     assert len(plan.pilots) == 1
 
@@ -114,7 +118,7 @@ def test_pinned_tasks_and_dependency_components_stay_together():
     tasks = [Task(name="x", command="c", resource="b", walltime_s=60),
              Task(name="y", command="c", after=("x",), walltime_s=60),
              Task(name="z", command="c", walltime_s=60)]
-    plan = make_plan(bundle(tasks, a, b), margin=0)
+    plan = make_plan(bundle(tasks, a, b), margin=0, overhead=0)
     where = {plan.bundle.tasks[t].name: r.resource.name for r in plan.resources for t in r.tasks}
     assert where["x"] == where["y"] == "b"
 
