@@ -508,6 +508,7 @@ class Agent(object):
         self.waiting_on = {}  # dep name → tokens waiting for it
         self.own_open = set()  # own tokens in todo (claimable or blocked): no stealing while any
         self.running = {}  # pid → (token, start)
+        self.suspects = []  # (seen, token, start, code): killed by a signal, maybe by our scheduler
         self.returns_seen = set()
         self.defs_seen = set()
         self.stopping = None
@@ -607,7 +608,13 @@ class Agent(object):
             # writes then overlap with running tasks instead of leaving cores idle
             started = 0 if self.stopping else self.fill()
             for t, start, code in ended:
-                self.finish(t, start, code, "")
+                if code in (128 + signal.SIGTERM, 128 + signal.SIGKILL):
+                    # a scheduler cancelling the job signals the tasks and us together: wait a
+                    # moment before calling it a failure, it may be our own end coming
+                    self.suspects.append((time.time(), t, start, code))
+                else:
+                    self.finish(t, start, code, "")
+            self.settle_suspects()
             if ended and not self.stopping:
                 started += self.fill()
             if self.stopping == "term":
@@ -622,11 +629,11 @@ class Agent(object):
             if started or self.running:
                 idle_since = now
                 sleep = self.poll
-            if self.running:
+            if self.running or self.suspects:
                 if self.free > 0 and now - last_poll >= max(self.poll, 1.0) and not self.stopping:
                     self.refresh()  # free cores: look for work others made claimable
                     last_poll = now
-                self.wait(min(sleep, beat_every))
+                self.wait(min(sleep, beat_every, 0.25 if self.suspects else sleep))
                 continue
             if self.stopping:
                 break
@@ -707,6 +714,18 @@ class Agent(object):
         self.mem_free -= t.memory
         self.ran += 1
         self.tell_reaper("+ %d %s %d\n" % (pid, t.name, t.attempt))
+
+    def settle_suspects(self, final=False):
+        """Tasks killed by SIGTERM/SIGKILL: handed back if we are stopping too (the job is
+        being cancelled or timed out), failures if we are not after half a second."""
+        while self.suspects and (self.stopping or final or time.time() - self.suspects[0][0] > 0.5):
+            _, t, start, code = self.suspects.pop(0)
+            if self.stopping:
+                self.pool.release(t.name, self.doc(t, LOCKED, start=start, end=time.time()),
+                                  "pilot %s stopped (%s)" % (self.pilot, self.exit_reason))
+                self.set_status(t, "other")
+            else:
+                self.finish(t, start, code, "")
 
     def doc(self, t, state, **kw):
         d = {"token": t.name, "state": state, "attempt": t.attempt, "failures": t.failures, "lost": t.lost,
@@ -929,6 +948,7 @@ class Agent(object):
 
     def shutdown(self):
         """Stop what runs (if anything) and hand those tokens back; leave an end record."""
+        self.settle_suspects(final=True)
         if self.running:
             kill_groups(list(self.running), grace=2.0, reap=True)
             _reap_all()

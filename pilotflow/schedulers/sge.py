@@ -27,12 +27,11 @@ class Sge(Scheduler):
     template = "sge.sh.j2"
 
     def directives(self, *, job_name, nodes, cores_per_node, walltime_s, resource, output):
-        warn = max(10, min(120, walltime_s // 10))
         d = [f"-N {directive_word(job_name, 'job name')}", "-S /bin/sh", "-cwd", "-j y",
              f"-o {directive_word(output, 'output file')}",
              f"-pe {directive_word(resource.pe, 'parallel environment')} {nodes * cores_per_node}",
-             # s_rt sends SIGUSR1 before h_rt kills: the launchers hand their tokens back
-             f"-l h_rt={hms(walltime_s)},s_rt={hms(max(1, walltime_s - warn))}"]
+             # h_rt only: the launchers hand their tokens back before it by themselves
+             f"-l h_rt={hms(walltime_s)}"]
         if resource.partition:
             d.append(f"-q {directive_word(resource.partition, 'queue')}")
         if resource.account:

@@ -21,11 +21,6 @@ STATES = {
 }
 
 
-def warning_seconds(walltime_s: int) -> int:
-    """How long before the walltime Slurm should signal the launchers (USR1)."""
-    return max(10, min(120, walltime_s // 10))
-
-
 class Slurm(Scheduler):
     name = "slurm"
     prefix = "#SBATCH"
@@ -37,8 +32,10 @@ class Slurm(Scheduler):
         d = [f"--job-name={directive_word(job_name, 'job name')}",
              f"--nodes={nodes}", "--ntasks-per-node=1", f"--cpus-per-task={cores_per_node}",
              f"--time={format_hms(-(-walltime_s // 60) * 60)}",
-             f"--output={directive_word(output, 'output file')}",
-             f"--signal=USR1@{warning_seconds(walltime_s)}"]
+             f"--output={directive_word(output, 'output file')}"]
+        # no --signal: Slurm delivers it to every process of the step (the tasks too, whose
+        # default action is to die) and up to a minute early; the launchers know the deadline
+        # and hand their tokens back before it by themselves
         if resource.memory_per_node_mb:
             d.append(f"--mem={resource.memory_per_node_mb}M")
         for key in ("partition", "account", "qos"):

@@ -87,7 +87,7 @@ def test_slurm_directives_in_order():
     assert directives == [
         "#SBATCH --job-name=pf-p3-demo-20261122-101500-3f2a", "#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=1",
         "#SBATCH --cpus-per-task=16", "#SBATCH --time=00:30:00", "#SBATCH --output=p3.%j.out",
-        "#SBATCH --signal=USR1@120", "#SBATCH --partition=thin", "#SBATCH --account=proj123",
+        "#SBATCH --partition=thin", "#SBATCH --account=proj123",
         "#SBATCH --qos=normal", "#SBATCH --constraint=rome"]
     assert "POOL='/scratch/alice/my runs/demo-20261122-101500-3f2a'" in script
 

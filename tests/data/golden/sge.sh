@@ -5,7 +5,7 @@
 #$ -j y
 #$ -o p3.out
 #$ -pe smp 32
-#$ -l h_rt=00:30:00,s_rt=00:28:00
+#$ -l h_rt=00:30:00
 #$ -q thin
 #$ -P proj123
 # the scheduler ends this job 1800 s after it starts

@@ -5,7 +5,6 @@
 #SBATCH --cpus-per-task=16
 #SBATCH --time=00:30:00
 #SBATCH --output=p3.%j.out
-#SBATCH --signal=USR1@120
 #SBATCH --partition=thin
 #SBATCH --account=proj123
 #SBATCH --qos=normal
