@@ -88,6 +88,7 @@ class Bundle:
     path: Path | None = None
     on_change: str | None = None
     on_finish: str | None = None
+    optimize: str = "node-hours"  # after the fewest pilots: "node-hours" (SPEC) or "makespan"
     lines: LineMap | None = field(default=None, repr=False)
 
     @property
@@ -117,7 +118,8 @@ def local_resource(**overrides: Any) -> Resource:
 
 TOP_KEYS = ("bundle", "defaults", "resource", "task", "tasks_from")
 BUNDLE_KEYS = {"name": F.name, "lock_timeout": F.positive_duration,
-               "on_change": F.nonempty_text, "on_finish": F.nonempty_text}
+               "on_change": F.nonempty_text, "on_finish": F.nonempty_text,
+               "optimize": F.choice("node-hours", "makespan")}
 TASK_FIELDS = {
     "cores": F.integer(1), "walltime": F.positive_duration, "memory": F.size_mb,
     "retries": F.integer(0, 1000), "env": F.env_table, "after": F.str_list(F.nonempty_text),
@@ -242,7 +244,8 @@ def bundle_from_dict(data: dict, *, path: Path | None = None, lines: LineMap | N
     pb.raise_if_any()
     return Bundle(name=meta.get("name", "bundle"), tasks=tasks, resources=resources,
                   lock_timeout_s=meta.get("lock_timeout", DEFAULT_LOCK_TIMEOUT_S), path=path,
-                  on_change=meta.get("on_change"), on_finish=meta.get("on_finish"), lines=lines)
+                  on_change=meta.get("on_change"), on_finish=meta.get("on_finish"),
+                  optimize=meta.get("optimize", "node-hours"), lines=lines)
 
 
 def load_resources(data: dict, pb: _Problems) -> list[Resource]:

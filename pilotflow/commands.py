@@ -51,9 +51,11 @@ def status(args: Namespace) -> int:
     return 1 if finished and counts["error"] else 0
 
 
-def _sync(s: Session):
+def _sync(s: Session, pilots: bool = True):
+    """Sync token states; ask the schedulers about pilots too when ``pilots``."""
     snap = sync_states(s)
-    if refresh_pilots(s) or any(p.state in ("ended", "failed", "cancelled") for p in s.record.pilots.values()):
+    if pilots and (refresh_pilots(s) or any(p.state in ("ended", "failed", "cancelled")
+                                            for p in s.record.pilots.values())):
         if release_dead(s):
             snap = sync_states(s)
     return snap
@@ -67,9 +69,20 @@ def _wait(run: str, watch_only: bool = False) -> int:
     from pilotflow.views import Progress
     record = find_run(run)
     delay = 0.25
+    # token states come from the pools (cheap); schedulers are asked about pilots rarely:
+    # every 10 s, backing off to a minute while work progresses, at once when it stalls
+    ask_every, asked, progress = 10.0, 0.0, time.time()
     with Session(record) as s, Progress(record) as view:
         while True:
-            snap = _sync(s)
+            now = time.time()
+            stalled = now - progress > max(5.0, 4 * delay)
+            ask = now - asked >= (ask_every if not stalled else 5.0)
+            snap = _sync(s, pilots=ask)
+            if ask:
+                asked = now
+                ask_every = min(ask_every * 1.5, 60.0)
+            if snap.changed:
+                progress = now
             counts = snap.counts(record.tokens)
             view.update(snap, counts)
             if counts["todo"] == 0 and counts["locked"] == 0:
@@ -82,6 +95,9 @@ def _wait(run: str, watch_only: bool = False) -> int:
             # poll often while tokens change, back off (to 5 s) while nothing does
             delay = 0.25 if snap.changed else min(delay * 1.5, 5.0)
             alive = [p for p in record.pilots.values() if p.state not in ("ended", "failed", "cancelled")]
+            if not alive and not watch_only and not ask:
+                asked = 0.0  # make sure with a fresh answer before deciding on follow-ups
+                continue
             if not alive and not watch_only:
                 if record.cancelled:
                     raise UsageError(f"run {record.run} was cancelled with {counts['todo']} token(s) left; "
@@ -93,7 +109,7 @@ def _wait(run: str, watch_only: bool = False) -> int:
                 record.followups += 1
                 n = _followup(s, snap, f"every pilot ended with {counts['todo']} token(s) left")
                 view.note(f"submitted {n} follow-up pilot(s)")
-                delay = 0.5
+                delay, ask_every = 0.5, 10.0
             time.sleep(delay)
 
 

@@ -222,7 +222,7 @@ def _plan_stage(bundle: Bundle, res: Resource, groups: list[Group], margin: floa
     """Pilots for one stage: MILP split, full pilots checked alone, remainder sized, all
     verified together. Returns (pilots, lower bound, solver, tasks moved to the next stage)."""
     tasks = bundle.tasks
-    st = Stage(groups, res, margin, WALLTIME_STEP.get(res.scheduler, 1), overhead)
+    st = Stage(groups, res, margin, WALLTIME_STEP.get(res.scheduler, 1), overhead, bundle.optimize)
     shapes, shape_groups = _shapes(groups, res)
     used_solver = ""
     if st.cap is None:

@@ -33,6 +33,7 @@ class Stage:
     margin: float
     step: int  # walltime granularity of the scheduler
     overhead: float = PILOT_OVERHEAD_S
+    optimize: str = "node-hours"  # or "makespan": the node count that ends soonest
 
     @property
     def cap(self) -> float | None:
@@ -142,7 +143,7 @@ def size(st: Stage, count: Counts) -> Size:
         if cap is not None and span > cap:
             continue
         wall = st.walltime(span)
-        key = (n * wall, wall, n)
+        key = (n * wall, wall, n) if st.optimize == "node-hours" else (wall, n * wall, n)
         if best is None or key < best[0]:
             best = (key, Size(n, wall, span))
     if best is None:  # too much for one pilot: the repair splits it

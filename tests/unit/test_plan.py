@@ -36,6 +36,13 @@ def test_1000_one_hour_tasks_need_one_pilot_of_21_node_hours():
     assert (p.nodes, p.walltime_s) == (3, 7 * 3600)  # the shorter of the 21-node-hour options
 
 
+def test_optimize_makespan_picks_the_node_count_that_ends_first():
+    b = bundle(same(1000, walltime_s=3600), slurm())
+    b.optimize = "makespan"
+    (p,) = make_plan(b, margin=0, overhead=0).pilots
+    assert (p.nodes, p.walltime_s) == (4, 6 * 3600)  # 24 node-hours, but done in 6 h instead of 7
+
+
 def test_700_tasks_make_five_full_pilots_and_a_small_one():
     plan = make_plan(bundle(same(700, cores=2, walltime_s=1800),
                             slurm(cores_per_node=16, max_nodes=2, max_walltime_s=4 * 3600)), margin=0, overhead=0)
