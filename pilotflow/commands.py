@@ -72,7 +72,10 @@ def _wait(run: str, watch_only: bool = False) -> int:
     # token states come from the pools (cheap); schedulers are asked about pilots rarely:
     # every 10 s, backing off to a minute while work progresses, at once when it stalls
     ask_every, asked, progress = 10.0, 0.0, time.time()
+    from pilotflow.sync import OutputFetcher
     with Session(record) as s, Progress(record) as view:
+        fetcher = OutputFetcher(s)
+        fetcher.submit(list(s.known))  # outputs of tokens already done before this wait
         while True:
             now = time.time()
             stalled = now - progress > max(5.0, 4 * delay)
@@ -83,10 +86,13 @@ def _wait(run: str, watch_only: bool = False) -> int:
                 ask_every = min(ask_every * 1.5, 60.0)
             if snap.changed:
                 progress = now
+                fetcher.submit(snap.changed)
             counts = snap.counts(record.tokens)
             view.update(snap, counts)
             if counts["todo"] == 0 and counts["locked"] == 0:
-                fetch_outputs(s)
+                fetcher.finish()
+                for e in fetcher.errors[:5]:
+                    view.note(f"could not bring back an output: {e}")
                 view.done(counts)
                 if counts["error"]:
                     raise RunFailed(f"run {record.run} finished with {counts['error']} token(s) in error: "

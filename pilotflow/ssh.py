@@ -148,7 +148,8 @@ class SshTransport(Transport):
                                  "and that your key is loaded (ssh-add -l)") from None
             raise ExternalError(f"cannot connect to {t.label}: {msg}", transient=True) from None
         except (OSError, socket.error, EOFError) as e:
-            raise ExternalError(f"cannot connect to {t.label}: {e}", transient=True) from None
+            raise ExternalError(f"cannot connect to {t.label}: {e}; is the host up and the port right "
+                                f"(try: ssh -p {t.port} {t.user}@{t.hostname} true)?", transient=True) from None
         return client
 
     def _hop(self, t: Target, inner):

@@ -157,6 +157,9 @@ def _kill(pgid):
 
 
 def qstat(argv):
+    if argv[:1] == ["--version"]:
+        print("pbs_version = 2022.1.0 (FAKE)")
+        return 0
     ids = [a for a in argv if not a.startswith("-") and a != "json"]
     jobs = {}
     for job in ids:
