@@ -143,7 +143,7 @@ def size(st: Stage, count: Counts) -> Size:
         if cap is not None and span > cap:
             continue
         wall = st.walltime(span)
-        key = (n * wall, wall, n) if st.optimize == "node-hours" else (wall, n * wall, n)
+        key = (n * wall, wall, n) if st.optimize == "node-hours" else (span, n * wall, n)
         if best is None or key < best[0]:
             best = (key, Size(n, wall, span))
     if best is None:  # too much for one pilot: the repair splits it
