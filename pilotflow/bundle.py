@@ -123,7 +123,7 @@ BUNDLE_KEYS = {"name": F.name, "lock_timeout": F.positive_duration,
 TASK_FIELDS = {
     "cores": F.integer(1), "walltime": F.positive_duration, "memory": F.size_mb,
     "retries": F.integer(0, 1000), "env": F.env_table, "after": F.str_list(F.nonempty_text),
-    "inputs": F.str_list(F.nonempty_text), "outputs": F.str_list(F.nonempty_text),
+    "inputs": F.str_list(F.relative_path), "outputs": F.str_list(F.relative_path),
     "resource": F.nonempty_text, "nodes": F.integer(1), "mpi": F.boolean,
     "ranks_per_node": F.integer(1),
 }
@@ -136,7 +136,7 @@ RESOURCE_KEYS = {
     "identity_file": F.one_line, "root": F.one_line, "partition": F.directive_word,
     "queue": F.directive_word, "account": F.directive_word, "project": F.directive_word,
     "qos": F.directive_word, "pe": F.directive_word, "directives": F.str_list(F.directive),
-    "setup": F.str_list(F.text), "python": F.nonempty_text, "walltime_margin": F.fraction(0, 1),
+    "setup": F.str_list(F.text), "python": F.command_name, "walltime_margin": F.fraction(0, 1),
     "max_queue_wait": F.positive_duration,
 }
 # Scheduler words that mean the same thing (SPEC: "partition/queue, account/project").
@@ -394,11 +394,24 @@ def _instantiate(vals: dict, combos: list[dict[str, str]], variables: list[str],
         if not F.TASK_NAME_RE.fullmatch(kw["name"]) or set(kw["name"]) == {"."}:
             bad_name = bad_name or kw["name"]
             continue
+        bad = next(((k, x) for k in ("inputs", "outputs") for x in kw.get(k, ()) if _escapes(x)), None)
+        if bad is not None:
+            pb.value(origin, bad[0], vals[bad[0]], f"expands to {F.show(bad[1])}: paths must stay inside the "
+                     "bundle's directory (no leading / or ~, no ..)")
+            return out
         out.append(Task(origin=origin, **kw))
     if bad_name is not None:
         pb.value(origin, "name", vals["name"], f"expands to {F.show(bad_name)}: task names become file "
                  "names and must be 1-200 of A-Z a-z 0-9 _ . + = -")
     return out
+
+
+def _escapes(path: str) -> bool:
+    try:
+        F.relative_path(path)
+        return False
+    except ValueError:
+        return True
 
 
 def _resolve_after(tasks: list[Task], pb: _Problems) -> list[Task]:

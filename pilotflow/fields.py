@@ -151,6 +151,24 @@ def str_list(item: Validator = text) -> Validator:
     return check
 
 
+def relative_path(v: Any) -> str:
+    """A path inside the bundle's directory / the run's work directory."""
+    v = one_line(v)
+    parts = v.replace("\\", "/").split("/")
+    if v.startswith(("/", "~")) or ".." in parts:
+        raise ValueError("expected a relative path inside the bundle's directory (no leading / or ~, no ..)")
+    return v
+
+
+def command_name(v: Any) -> str:
+    """An interpreter to start: words, but nothing a shell would act on."""
+    v = nonempty_text(v)
+    if any(c in v for c in ";|&$`<>()\n\\'\"*?"):
+        raise ValueError('expected a command such as "python3" or "/usr/bin/env python3" '
+                         "(no shell operators or quotes)")
+    return v
+
+
 def directive(v: Any) -> str:
     """An extra scheduler option: one option, starting with '-', on one line."""
     v = one_line(v)

@@ -508,6 +508,8 @@ class Agent(object):
         self.waiting_on = {}  # dep name → tokens waiting for it
         self.own_open = set()  # own tokens in todo (claimable or blocked): no stealing while any
         self.running = {}  # pid → (token, start)
+        self.unwritten = []  # (token, state) that a full disk kept us from writing
+        self.blocked_until = 0.0
         self.suspects = []  # (seen, token, start, code): killed by a signal, maybe by our scheduler
         self.returns_seen = set()
         self.defs_seen = set()
@@ -606,7 +608,8 @@ class Agent(object):
             ended = self.reap()
             # start the next tasks before writing the states of the ended ones: the state
             # writes then overlap with running tasks instead of leaving cores idle
-            started = 0 if self.stopping else self.fill()
+            writable = self.flush_unwritten() and time.time() >= self.blocked_until
+            started = 0 if self.stopping or not writable else self.fill()
             for t, start, code in ended:
                 if code in (128 + signal.SIGTERM, 128 + signal.SIGKILL):
                     # a scheduler cancelling the job signals the tasks and us together: wait a
@@ -615,7 +618,7 @@ class Agent(object):
                 else:
                     self.finish(t, start, code, "")
             self.settle_suspects()
-            if ended and not self.stopping:
+            if ended and not self.stopping and not self.unwritten:
                 started += self.fill()
             if self.stopping == "term":
                 break
@@ -664,13 +667,42 @@ class Agent(object):
             t.attempt += 1
             now = time.time()
             lock = self.doc(t, LOCKED, start=now, end=None, exit_code=None, reason="", pid=os.getpid())
-            if not self.pool.claim(t.name, t.attempt, dump(lock)):
+            try:
+                mine = self.pool.claim(t.name, t.attempt, dump(lock))
+            except OSError as e:  # a full disk or quota: keep the token, try again later
+                t.attempt -= 1
+                self.enqueue(t)
+                self.disk_trouble(e)
+                break
+            if not mine:
                 t.attempt -= 1
                 self.set_status(t, "other")
                 continue
             self.start(t, now)
             n += 1
         return n
+
+    def disk_trouble(self, e):
+        """Writes to the pool fail (ENOSPC, EDQUOT, EIO...): say so once, stop claiming for a
+        while; finished results wait in memory and are written when space comes back."""
+        if not self.blocked_until:
+            sys.stderr.write("pilotflow-launcher %s: cannot write to the pool (%s); waiting\n" % (self.key, e))
+        self.blocked_until = time.time() + 5.0
+
+    def flush_unwritten(self):
+        """Write the states that could not be written before; True when none are left."""
+        while self.unwritten:
+            name, doc = self.unwritten[0]
+            try:
+                self.pool.put(name, doc)
+                if doc.get("state") == TODO:
+                    self.pool.note_return(name, doc.get("attempt", 0))
+            except OSError as e:
+                self.disk_trouble(e)
+                return False
+            self.unwritten.pop(0)
+        self.blocked_until = 0.0
+        return True
 
     def pick(self, ready, room, stealing):
         """The first fitting token (from the back when stealing); it leaves the ready list."""
@@ -707,6 +739,13 @@ class Agent(object):
         try:
             pid = spawn(t.command, env, log + ".out", log + ".err")
         except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS):
+                self.disk_trouble(e)  # cannot create its log files: not the task's fault
+                self.unwritten.append((t.name, self.doc(t, TODO, start=now, end=time.time(), exit_code=None,
+                                                        reason="could not create its log files: %s" % e)))
+                self.set_status(t, TODO)
+                self.enqueue(t)
+                return
             self.finish(t, now, 127, "could not start /bin/sh: %s" % e)
             return
         self.running[pid] = (t, now)
@@ -773,9 +812,14 @@ class Agent(object):
             else:
                 self.set_status(t, ERROR)
             doc = self.doc(t, t.status, start=start, end=time.time(), exit_code=code, reason=why)
-        self.pool.put(t.name, doc)
+        try:
+            self.pool.put(t.name, doc)
+            if t.status == TODO:
+                self.pool.note_return(t.name, t.attempt)
+        except OSError as e:
+            self.unwritten.append((t.name, doc))
+            self.disk_trouble(e)
         if t.status == TODO:
-            self.pool.note_return(t.name, t.attempt)
             self.enqueue(t)
         self.settled(t)
 
@@ -931,7 +975,10 @@ class Agent(object):
         try:
             os.utime(self.pool.path("agents", self.key + ".json"), None)
         except OSError:
-            self.record()
+            try:
+                self.record()
+            except OSError:
+                pass
         for pid, (t, _) in list(self.running.items()):
             if self.pool.released(t.name, t.attempt):
                 try:
@@ -949,6 +996,14 @@ class Agent(object):
     def shutdown(self):
         """Stop what runs (if anything) and hand those tokens back; leave an end record."""
         self.settle_suspects(final=True)
+        for _ in range(3):
+            if self.flush_unwritten():
+                break
+            time.sleep(1.0)
+        if self.unwritten:
+            sys.stderr.write("pilotflow-launcher %s: %d finished token state(s) could not be written; they "
+                             "stay locked and are run again once this launcher's lock is stale\n"
+                             % (self.key, len(self.unwritten)))
         if self.running:
             kill_groups(list(self.running), grace=2.0, reap=True)
             _reap_all()
@@ -957,8 +1012,11 @@ class Agent(object):
                                   "pilot %s stopped (%s)" % (self.pilot, self.exit_reason))
                 self.tell_reaper("- %d\n" % pid)
             self.running.clear()
-        write_atomic(self.pool.path("agents", self.key + ".end"),
-                     dump({"end": time.time(), "reason": self.exit_reason, "ran": self.ran}))
+        try:
+            write_atomic(self.pool.path("agents", self.key + ".end"),
+                         dump({"end": time.time(), "reason": self.exit_reason, "ran": self.ran}))
+        except OSError:
+            pass  # no end record: others see the heartbeat stop instead
         if self.reaper is not None:
             os.close(self.reaper)
             self.reaper = None

@@ -18,7 +18,8 @@ from pilotflow.plan import Plan, make_plan
 from pilotflow.render import default_root, pool_path, render_pilot
 from pilotflow.runs import PilotRecord, RunRecord, new_run_id, resource_to_dict, runs_dir
 from pilotflow.schedulers import backend
-from pilotflow.transport import LocalTransport, Transport, connect, run_checked
+from pilotflow.schedulers.base import job_name
+from pilotflow.transport import RETRY_DELAYS, LocalTransport, Transport, connect
 
 
 def token_def(t: Task, rank: int) -> dict:
@@ -142,15 +143,8 @@ def submit_pilots(record: RunRecord, plan: Plan, transports: dict[str, Transport
                 rec = PilotRecord(id=p.id, resource=res.name, nodes=p.nodes, cores_per_node=p.cores_per_node,
                                   walltime_s=p.walltime_s, stage=p.stage, tasks=len(p.tasks))
                 record.add_pilot(rec)
-                argv = sched.submit_argv(path, after=previous)
-                r = run_checked(t, argv, f"submitting pilot {p.id} to {res.name}",
-                                transient=lambda r: sched.transient(r.returncode, r.stderr),
-                                cwd=f"{pool}/pilots")
-                try:
-                    rec.job_id = sched.parse_submit(r.stdout)
-                except ValueError as e:
-                    raise ExternalError(str(e), argv=argv, returncode=r.returncode, stdout=r.stdout,
-                                        stderr=r.stderr) from None
+                rec.job_id = submit_once(t, sched, path, previous, job_name(record.run, p.id),
+                                         f"submitting pilot {p.id} to {res.name}", f"{pool}/pilots")
                 rec.submitted = time.time()
                 rec.state = "queued"
                 record.save()
@@ -161,6 +155,53 @@ def submit_pilots(record: RunRecord, plan: Plan, transports: dict[str, Transport
                     + (f", after stage {stage_no - 1}" if previous else ""))
             previous = current
     return done
+
+
+def submit_once(t: Transport, sched, script: str, after: list[str], name: str, what: str, cwd: str) -> str:
+    """Submit a pilot exactly once. A submission is not idempotent: if the connection breaks
+    while it runs, we do not know whether the job exists, so we look for it by its unique
+    name before trying again, and adopt it if it is there."""
+    argv = sched.submit_argv(script, after=after)
+    for delay in RETRY_DELAYS + (None,):
+        try:
+            r = t.run(argv, cwd=cwd, idempotent=False)
+        except ExternalError as e:
+            if not e.transient or delay is None:
+                raise
+            found = _find(t, sched, name)
+            if found:
+                return found
+            time.sleep(delay)
+            continue
+        if r.returncode == 0:
+            try:
+                return sched.parse_submit(r.stdout)
+            except ValueError as e:
+                raise ExternalError(str(e), argv=argv, returncode=r.returncode, stdout=r.stdout,
+                                    stderr=r.stderr) from None
+        if delay is None or not sched.transient(r.returncode, r.stderr):
+            raise ExternalError(f"{what} failed on {t.label}", argv=argv, returncode=r.returncode,
+                                stdout=r.stdout, stderr=r.stderr)
+        found = _find(t, sched, name)  # a controller that timed out may still have queued it
+        if found:
+            return found
+        time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+def _find(t: Transport, sched, name: str) -> str | None:
+    argv = sched.find_argv(name)
+    if not argv:
+        return None
+    for _ in range(3):
+        try:
+            r = t.run(argv)
+        except ExternalError:
+            time.sleep(1.0)
+            continue
+        ids = [x.strip() for x in r.stdout.split() if x.strip()] if r.returncode == 0 else []
+        return ids[0] if ids else None
+    return None
 
 
 def plan_remaining(record: RunRecord, names: set[str]) -> Plan:

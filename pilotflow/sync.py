@@ -193,8 +193,17 @@ def fetch_outputs(s: Session, names: list[str] | None = None) -> int:
             continue
         t = s.transport(task.resource)
         for rel in task.outputs:
-            n += bool(t.get(f"{record.pool(task.resource)}/work/{rel}", base / rel))
+            if _inside(base, base / rel):
+                n += bool(t.get(f"{record.pool(task.resource)}/work/{rel}", base / rel))
     return n
+
+
+def _inside(base: Path, path: Path) -> bool:
+    """Whether ``path`` resolves (symbolic links followed) to a place inside ``base``."""
+    try:
+        return path.resolve().is_relative_to(base.resolve())
+    except OSError:
+        return False
 
 
 class OutputFetcher:
@@ -233,6 +242,10 @@ class OutputFetcher:
         n = 0
         for rel in task.outputs:
             remote = f"{record.pool(task.resource)}/work/{rel}"
+            if not _inside(Path(record.base_dir), Path(record.base_dir) / rel):
+                self.errors.append(f"{task.name}: {rel}: not written, it would land outside {record.base_dir} "
+                                   "(through a symbolic link)")
+                continue
             try:
                 n += bool(t.get(remote, Path(record.base_dir) / rel, sftp=sftp) if sftp else
                           t.get(remote, Path(record.base_dir) / rel))

@@ -37,8 +37,9 @@ class Transport(ABC):
 
     @abstractmethod
     def run(self, argv: list[str], *, input: bytes | None = None, cwd: str | None = None,
-            timeout: float = 120) -> Result:
-        """Run argv (no shell unless argv asks for one); never raises on a non-zero exit."""
+            timeout: float = 120, idempotent: bool = True) -> Result:
+        """Run argv (no shell unless argv asks for one); never raises on a non-zero exit.
+        A non-idempotent command is not retried when the connection breaks under it."""
 
     @abstractmethod
     def write_file(self, path: str, data: bytes, mode: int = 0o644) -> None:
@@ -75,7 +76,7 @@ class LocalTransport(Transport):
     """This machine: subprocesses, plain file operations, and the launcher's helpers called
     in-process (the same code the remote side runs)."""
 
-    def run(self, argv, *, input=None, cwd=None, timeout=120):
+    def run(self, argv, *, input=None, cwd=None, timeout=120, idempotent=True):
         try:
             p = subprocess.run(argv, input=input, cwd=cwd, capture_output=True, timeout=timeout)
         except FileNotFoundError:

@@ -56,6 +56,11 @@ class Scheduler(ABC):
     def cancel_argv(self, job_ids: list[str]) -> list[str]:
         ...
 
+    def find_argv(self, name: str) -> list[str] | None:
+        """A command listing the ids of jobs with this (unique) name, one per line: how a
+        submission cut off by a broken connection is found instead of submitted twice."""
+        return None
+
     def fallback_status_argv(self, job_ids: list[str]) -> list[str] | None:
         """A second way to ask, for jobs the first did not know (e.g. no accounting)."""
         return None

@@ -73,3 +73,6 @@ class Pbs(Scheduler):
 
     def cancel_argv(self, job_ids):
         return ["qdel"] + list(job_ids)
+
+    def find_argv(self, name):
+        return ["qselect", "-N", name[:15]]

@@ -94,3 +94,7 @@ class Sge(Scheduler):
 
     def cancel_argv(self, job_ids):
         return ["qdel"] + list(job_ids)
+
+    def find_argv(self, name):
+        # qstat -j NAME prints "job_number: ID" for every job of that name
+        return ["/bin/sh", "-c", 'qstat -j "$1" 2>/dev/null | sed -n "s/^job_number: *//p"', "sh", name]

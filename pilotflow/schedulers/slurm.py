@@ -87,3 +87,6 @@ class Slurm(Scheduler):
 
     def cancel_argv(self, job_ids):
         return ["scancel"] + list(job_ids)
+
+    def find_argv(self, name):
+        return ["squeue", "--noheader", "--states=all", f"--name={name}", "--format=%i"]

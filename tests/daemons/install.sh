@@ -12,7 +12,7 @@ set -u
 
 PACKAGES=(slurmctld slurmd slurm-client munge
           gridengine-master gridengine-exec gridengine-client
-          openssh-server openmpi-bin libopenmpi-dev chromium)
+          openssh-server openmpi-bin libopenmpi-dev chromium faketime)
 if [ "$#" -gt 0 ]; then PACKAGES=("$@"); fi
 
 if [ "${EUID:-$(id -u)}" -ne 0 ]; then
