@@ -244,7 +244,7 @@ def report(args: Namespace) -> int:
     record = find_run(args.run)
     with Session(record) as s:
         snap = _sync(s)
-    path = write_report(record, snap, args.output)
+        path = write_report(record, snap, args.output, session=s)
     print(f"wrote {path}")
     return 0
 

@@ -16,10 +16,11 @@ size; a canvas would be the next step then.
 
 What the report draws comes from the local mirror: ``states.jsonl`` keeps every state a
 sync saw, so an attempt seen by some sync (running, or ended and handed back) keeps its own
-bar even after a later attempt replaced its state. Attempts no sync saw (a failure retried
-within one poll interval) are read from their claim files on the resource when a session is
-given (at most ``MAX_CLAIMS`` of them); their end is then not known exactly and is bounded
-by the next attempt's start and by their node's end (the hover text says so).
+bar even after a later attempt replaced its state. Attempts whose end no sync saw (a failure
+retried within one poll interval) are looked up on the resource when a session is given, in
+one call per resource: the claim file says when and where the attempt started, the mtime
+of its hand-back note when it ended (else the next attempt's start or its node's end bound
+it; the hover text says the end was inferred).
 """
 
 from __future__ import annotations
@@ -40,10 +41,11 @@ from pilotflow.launcher import write_atomic
 OUTCOMES = ("done", "error", "retried", "lost", "running")
 FINISHED_PILOT = ("ended", "failed", "cancelled")
 MAX_STDERR = 20  # failed tokens whose stderr is fetched from the resource
-MAX_CLAIMS = 200  # unobserved earlier attempts read from their claim files
+MAX_CLAIMS = 1000  # earlier attempts whose end no sync saw, looked up on the resource
 TAIL_LINES = 10
 SLOWEST = 10
 MAX_POINTS = 1500  # the utilisation curves are resampled (time averages) beyond this
+LAG = 0.1  # seconds an attempt's recorded end may trail the start of the next one on its cores
 
 
 @dataclass
@@ -61,10 +63,16 @@ class Attempt:
     reason: str = ""
     approx: bool = False  # end not observed: bounded by the next attempt's start / its node's end
     lane: int = 0
+    shown_end: float = -1.0  # the end drawn (see pack_lanes); -1: not packed yet
 
     @property
     def duration(self) -> float:
         return max(0.0, self.end - self.start)
+
+    @property
+    def shown(self) -> float:
+        """Seconds drawn: the recorded duration, less the launcher's bookkeeping lag."""
+        return max(0.0, (self.shown_end if self.shown_end >= 0 else self.end) - self.start)
 
 
 @dataclass
@@ -170,13 +178,16 @@ def build(record, snap, session=None, now: float | None = None) -> Report:
     pilots = _pilot_spans(record, agents, now)
     docs = _attempt_docs(record, states)
     if session is not None:
-        _fetch_claims(record, session, states, docs, tasks)
+        _fetch_earlier(record, session, states, docs, tasks)
     attempts, unseen = _attempts(docs, states, tasks, pilots, now)
     rows = _rows(pilots, agents, attempts)
+    lag = 0.0
+    if attempts:  # the lag tolerated: at most LAG, and invisible at the scale of the figure
+        lag = min(LAG, 0.002 * (max(a.end for a in attempts) - min(a.start for a in attempts)))
     for row in rows:
-        row.lanes = pack_lanes(row.attempts)
+        row.lanes = pack_lanes(row.attempts, lag) if row.attempts else 0
 
-    used = sum(a.cores * a.duration for a in attempts)
+    used = sum(a.cores * a.shown for a in attempts)
     starts = [a.start for a in attempts] + [p.start for p in pilots.values() if p.start is not None]
     ends = [a.end for a in attempts] + [p.end for p in pilots.values() if p.end is not None]
     t0 = min(starts) if starts else record.created
@@ -184,7 +195,7 @@ def build(record, snap, session=None, now: float | None = None) -> Report:
     if t1 - t0 < 1e-3:
         t1 = t0 + 1.0
     charged = sum(p.charged_core_s for p in pilots.values())
-    busy = step_curve([(a.start, a.cores) for a in attempts] + [(a.end, -a.cores) for a in attempts])
+    busy = step_curve([(a.start, a.cores) for a in attempts] + [(a.start + a.shown, -a.cores) for a in attempts])
     allocated = step_curve([(p.start, p.cores) for p in pilots.values() if p.start is not None]
                            + [(p.end, -p.cores) for p in pilots.values() if p.start is not None])
     counts = snap.counts(record.tokens) if hasattr(snap, "counts") else _counts(states, record.tokens)
@@ -196,7 +207,7 @@ def build(record, snap, session=None, now: float | None = None) -> Report:
         counts=counts, attempts=attempts,
         pilots=sorted(pilots.values(), key=lambda p: _natural(p.id)), t0=t0, t1=t1,
         makespan=(max(a.end for a in attempts) - min(a.start for a in attempts)) if attempts else 0.0,
-        used_core_s=used, done_core_s=sum(a.cores * a.duration for a in attempts if a.outcome == "done"),
+        used_core_s=used, done_core_s=sum(a.cores * a.shown for a in attempts if a.outcome == "done"),
         charged_core_s=charged,
         retried_tokens=sum(1 for d in states.values() if int(d.get("attempt") or 0) > 1),
         extra_attempts=sum(max(0, int(d.get("attempt") or 0) - 1) for d in states.values()),
@@ -278,26 +289,53 @@ def _ended(doc: dict) -> bool:
     return doc.get("state") != "locked" and doc.get("end") is not None
 
 
-def _fetch_claims(record, session, states, docs, tasks) -> None:
-    """Earlier attempts no sync saw: their claim files say when and where they started."""
-    budget = MAX_CLAIMS
-    for name, doc in states.items():
-        last = int(doc.get("attempt") or 0)
-        missing = [k for k in range(1, last) if k not in docs.get(name, {})]
+_EARLIER = r"""
+import json, os, sys
+pool, out = sys.argv[1], {}
+for name, k in json.load(sys.stdin):
+    key = "%s.%d" % (name, k)
+    try:
+        with open(os.path.join(pool, "claims", key)) as f:
+            d = json.load(f)
+    except Exception:
+        d = None
+    d = d if isinstance(d, dict) else {}
+    try:
+        d["returned"] = os.stat(os.path.join(pool, "returns", key)).st_mtime
+    except OSError:
+        pass
+    out[key] = d
+sys.stdout.write(json.dumps(out))
+"""
+
+
+def _fetch_earlier(record, session, states, docs, tasks) -> None:
+    """Earlier attempts whose end no sync saw: their claim file says when and where they
+    started, the mtime of their hand-back note (``returns/TOKEN.N``) when they ended. One
+    call of the resource's python per resource, for at most ``MAX_CLAIMS`` attempts."""
+    import shlex
+    wanted: dict[str, list] = {}
+    n = 0
+    for name, doc in sorted(states.items()):
         task = tasks.get(name)
-        if not missing or task is None or task.resource not in record.resources:
+        if task is None or task.resource not in record.resources:
             continue
-        for k in missing[:budget]:
-            try:
-                data = session.transport(task.resource).read_file(f"{record.pool(task.resource)}/claims/{name}.{k}")
-                claim = json.loads(data) if data else None
-            except Exception:  # noqa: BLE001 - a report shows what it can (SSH, JSON, I/O errors)
-                claim = None
-            if isinstance(claim, dict) and claim.get("token") == name:
-                docs.setdefault(name, {})[k] = dict(claim, attempt=k, state="locked")
-        budget -= len(missing)
-        if budget <= 0:
-            return
+        for k in range(1, int(doc.get("attempt") or 0)):
+            if n < MAX_CLAIMS and not _ended(docs.get(name, {}).get(k, {})):
+                wanted.setdefault(task.resource, []).append([name, k])
+                n += 1
+    for res_name, items in wanted.items():
+        try:
+            t = session.transport(res_name)
+            argv = shlex.split(record.resource(res_name).python) + ["-c", _EARLIER, t.expand(record.pool(res_name))]
+            r = t.run(argv, input=json.dumps(items).encode(), timeout=60)
+            found = json.loads(r.stdout) if r.returncode == 0 else {}
+        except Exception:  # noqa: BLE001 - a report shows what it can (SSH, JSON, I/O errors)
+            continue
+        for name, k in items:
+            d = found.get(f"{name}.{k}") or {}
+            if d.get("token") == name:
+                docs.setdefault(name, {})[k] = {**docs[name].get(k, {}), **d, "attempt": k, "state": "locked"}
 
 
 def _outcome(doc: dict, nxt: dict | None) -> str:
@@ -341,7 +379,7 @@ def _attempts(docs, states, tasks, pilots, now) -> tuple[list[Attempt], int]:
             elif outcome == "running":
                 end = now if node_end is None else min(now, node_end)
             else:
-                bounds = [b for b in ((nxt or {}).get("start"), node_end) if b is not None]
+                bounds = [b for b in (doc.get("returned"), (nxt or {}).get("start"), node_end) if b is not None]
                 if not bounds:
                     continue
                 end, approx = min(bounds), True
@@ -373,21 +411,33 @@ def _rows(pilots: dict[str, PilotSpan], agents: dict, attempts: list[Attempt]) -
     return list(rows.values())
 
 
-def pack_lanes(attempts: list[Attempt]) -> int:
+def pack_lanes(attempts: list[Attempt], lag: float = LAG) -> int:
     """Greedy interval packing: each attempt, by start time, goes to the lowest-numbered
     lane free at its start (a new one if none is); returns the number of lanes. This uses
-    as few lanes as the most attempts running at once on the node."""
+    as few lanes as the most attempts running at once on the node.
+
+    A launcher starts the next tasks on freed cores *before* it writes the ended attempts'
+    states (see ``Agent.run``), so a recorded end trails the next start by the time that
+    takes. A lane whose last attempt ends less than ``lag`` after a start counts as free,
+    and that attempt is drawn (``shown_end``) up to the next start: bars never overlap."""
     attempts.sort(key=lambda a: (a.start, a.end, a.token))
     busy: list[tuple[float, int]] = []  # (end, lane) of lanes in use
-    free: list[int] = []
+    free: list[int] = []  # lanes free at the current start
+    lagging: list[int] = []  # lanes whose attempt ends within ``lag`` after it: taken first
+    last: dict[int, Attempt] = {}
     lanes = 0
     for a in attempts:
-        while busy and busy[0][0] <= a.start:
-            heapq.heappush(free, heapq.heappop(busy)[1])
-        if free:
-            a.lane = heapq.heappop(free)
+        a.shown_end = a.end
+        while busy and busy[0][0] <= a.start + lag:
+            end, lane = heapq.heappop(busy)
+            heapq.heappush(lagging if end > a.start else free, lane)
+        if lagging or free:
+            a.lane = heapq.heappop(lagging or free)
+            prev = last[a.lane]
+            prev.shown_end = min(prev.shown_end, max(prev.start, a.start))
         else:
             a.lane, lanes = lanes, lanes + 1
+        last[a.lane] = a
         heapq.heappush(busy, (a.end, a.lane))
     return lanes
 

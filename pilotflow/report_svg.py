@@ -93,7 +93,7 @@ def _axis(x: Scale, y: float, top: float, bottom: float, labels_above: bool) -> 
 
 
 def _title(a) -> str:
-    end = fmt_clock(a.end) + (" (not observed: at most)" if a.approx else "")
+    end = fmt_clock(a.end) + (" (end inferred: no sync saw it)" if a.approx else "")
     lines = [f"{a.token} · attempt {a.attempt} · {LABELS[a.outcome]}",
              f"{fmt_clock(a.start)} → {end}  ({fmt_duration(a.duration)})",
              f"pilot {a.pilot}, node {a.agent} ({a.host}) · {a.cores} core{'s' if a.cores != 1 else ''}"
@@ -139,7 +139,7 @@ def timeline_svg(rep) -> str:
             for a in r.attempts:
                 x0 = x(a.start)
                 bars[a.outcome].append(
-                    f'<rect x="{x0:.1f}" y="{y + 2 + a.lane * lane_h:.1f}" width="{max(x(a.end) - x0, 0.8):.1f}" '
+                    f'<rect x="{x0:.1f}" y="{y + 2 + a.lane * lane_h:.1f}" width="{max(x(a.start + a.shown) - x0, 0.8):.1f}" '
                     f'height="{lane_h - gap:.1f}"><title>{_title(a)}</title></rect>')
             y += h + 2
         if p.start is not None and p.end is not None:
