@@ -257,7 +257,14 @@ class Pool(object):
             if e.errno == errno.EEXIST:
                 return False
             raise
-        os.write(fd, owner)
+        try:
+            os.write(fd, owner)
+        except OSError:
+            # the claim exists but its record could not be written (a full disk): undo it,
+            # nobody else can hold this attempt yet
+            os.close(fd)
+            os.unlink(self.path("claims", "%s.%s" % (name, attempt)))
+            raise
         os.close(fd)
         return True
 
@@ -510,6 +517,7 @@ class Agent(object):
         self.running = {}  # pid → (token, start)
         self.unwritten = []  # (token, state) that a full disk kept us from writing
         self.blocked_until = 0.0
+        self.disk_since = 0.0
         self.suspects = []  # (seen, token, start, code): killed by a signal, maybe by our scheduler
         self.returns_seen = set()
         self.defs_seen = set()
@@ -687,7 +695,8 @@ class Agent(object):
         while; finished results wait in memory and are written when space comes back."""
         if not self.blocked_until:
             sys.stderr.write("pilotflow-launcher %s: cannot write to the pool (%s); waiting\n" % (self.key, e))
-        self.blocked_until = time.time() + 5.0
+            self.disk_since = time.time()
+        self.blocked_until = time.time() + 2.0
 
     def flush_unwritten(self):
         """Write the states that could not be written before; True when none are left."""
@@ -701,7 +710,8 @@ class Agent(object):
                 self.disk_trouble(e)
                 return False
             self.unwritten.pop(0)
-        self.blocked_until = 0.0
+        if self.blocked_until and time.time() >= self.blocked_until:
+            self.blocked_until = 0.0
         return True
 
     def pick(self, ready, room, stealing):
@@ -905,6 +915,8 @@ class Agent(object):
 
     def worth_waiting(self):
         """Whether something may still become claimable for us (see the class docstring)."""
+        if (self.unwritten or self.blocked_until) and time.time() - self.disk_since < max(300.0, self.lock_timeout):
+            return True  # the pool's disk is full: wait (a while) for space to come back
         room = None if self.handback is None else self.handback - time.time()
         for name in self.own_open:
             t = self.tokens[name]

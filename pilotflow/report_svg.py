@@ -47,16 +47,21 @@ def fmt_clock(t: float, with_date: bool = False) -> str:
 
 
 def fmt_offset(s: float, step: float) -> str:
-    """A tick label: time since the start of the figure."""
+    """A tick label (time since the start of the figure), in one style per axis."""
+    s = round(s, 6)
     if step < 1:
         return f"{s:.1f}s"
-    if s < 60 and step < 60:
-        return f"{s:.0f}s"
-    s = int(round(s))
-    h, m, sec = s // 3600, s % 3600 // 60, s % 60
-    if h:
-        return f"{h}h{m:02d}" if step >= 60 else f"{h}:{m:02d}:{sec:02d}"
-    return f"{m}m" if step >= 60 else f"{m}m{sec:02d}s"
+    si = int(round(s))
+    d, h, m, sec = si // 86400, si % 86400 // 3600, si % 3600 // 60, si % 60
+    if step >= 86400:
+        return f"{d}d" + (f"{h:02d}h" if h else "")
+    if step >= 3600 or (step >= 60 and si >= 3600):
+        return (f"{d}d" if d else "") + f"{h}h{m:02d}"
+    if step >= 60:
+        return f"{m}m"
+    if si < 60:
+        return f"{si}s"
+    return f"{h}:{m:02d}:{sec:02d}" if h else f"{m}m{sec:02d}s"
 
 
 def nice_step(span: float, target: int = 10) -> float:
