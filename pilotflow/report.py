@@ -37,6 +37,7 @@ from markupsafe import Markup
 from pilotflow import __version__
 from pilotflow.errors import UsageError
 from pilotflow.launcher import write_atomic
+from pilotflow.report_svg import resample, step_curve
 
 OUTCOMES = ("done", "error", "retried", "lost", "running")
 FINISHED_PILOT = ("ended", "failed", "cancelled")
@@ -180,10 +181,10 @@ def build(record, snap, session=None, now: float | None = None) -> Report:
     if session is not None:
         _fetch_earlier(record, session, states, docs, tasks)
     attempts, unseen = _attempts(docs, states, tasks, pilots, now)
-    rows = _rows(pilots, agents, attempts)
+    rows = _rows(pilots, agents, attempts, now)
     lag = 0.0
-    if attempts:  # the lag tolerated: at most LAG, and invisible at the scale of the figure
-        lag = min(LAG, 0.002 * (max(a.end for a in attempts) - min(a.start for a in attempts)))
+    if attempts:  # the lag tolerated: LAG at most; 10 ms at least (a few ms on a local disk)
+        lag = min(LAG, max(0.01, 0.002 * (max(a.end for a in attempts) - min(a.start for a in attempts))))
     for row in rows:
         row.lanes = pack_lanes(row.attempts, lag) if row.attempts else 0
 
@@ -198,7 +199,7 @@ def build(record, snap, session=None, now: float | None = None) -> Report:
     busy = step_curve([(a.start, a.cores) for a in attempts] + [(a.start + a.shown, -a.cores) for a in attempts])
     allocated = step_curve([(p.start, p.cores) for p in pilots.values() if p.start is not None]
                            + [(p.end, -p.cores) for p in pilots.values() if p.start is not None])
-    counts = snap.counts(record.tokens) if hasattr(snap, "counts") else _counts(states, record.tokens)
+    counts = snap.counts(record.tokens)
     outcome_counts = {o: 0 for o in OUTCOMES}
     for a in attempts:
         outcome_counts[a.outcome] += 1
@@ -215,14 +216,6 @@ def build(record, snap, session=None, now: float | None = None) -> Report:
         peak_busy=int(max(busy[1], default=0)), slowest=_slowest(attempts),
         failures=_failures(record, states, tasks, session), outcome_counts=outcome_counts,
         unseen_attempts=unseen)
-
-
-def _counts(states: dict, total: int) -> dict[str, int]:
-    c = {"todo": 0, "locked": 0, "done": 0, "error": 0}
-    for d in states.values():
-        c[d.get("state", "todo")] = c.get(d.get("state", "todo"), 0) + 1
-    c["todo"] += total - len(states)
-    return c
 
 
 def _natural(s: str):
@@ -249,8 +242,6 @@ def _pilot_spans(record, agents: dict, now: float) -> dict[str, PilotSpan]:
         if a.get("start") is None:
             continue
         end = _agent_end(a, p.state in FINISHED_PILOT, now)
-        if p.state in FINISHED_PILOT and p.end is None and record.pilots.get(pid) and record.pilots[pid].ended:
-            end = min(end, record.pilots[pid].ended)
         p.start = a["start"] if p.start is None else min(p.start, a["start"])
         p.end = end if p.end is None else max(p.end, end)
     return out
@@ -389,13 +380,13 @@ def _attempts(docs, states, tasks, pilots, now) -> tuple[list[Attempt], int]:
     return out, unseen
 
 
-def _rows(pilots: dict[str, PilotSpan], agents: dict, attempts: list[Attempt]) -> list[Row]:
+def _rows(pilots: dict[str, PilotSpan], agents: dict, attempts: list[Attempt], now: float) -> list[Row]:
     rows: dict[tuple[str, int], Row] = {}
     for a in agents.values():
         pid = a.get("pilot")
         key = (pid, int(a.get("agent") or 0))
         p = pilots[pid]
-        end = _agent_end(a, p.state in FINISHED_PILOT, p.end or 0.0) if a.get("start") is not None else None
+        end = _agent_end(a, p.state in FINISHED_PILOT, now) if a.get("start") is not None else None
         if end is not None and p.end is not None:
             end = min(end, p.end)
         rows[key] = Row(pid, key[1], str(a.get("host") or "?"), a.get("start"), end)
@@ -440,42 +431,6 @@ def pack_lanes(attempts: list[Attempt], lag: float = LAG) -> int:
         last[a.lane] = a
         heapq.heappush(busy, (a.end, a.lane))
     return lanes
-
-
-def step_curve(events: list[tuple[float, float]]) -> tuple[list[float], list[float]]:
-    """(time, delta) events → breakpoints and the value from each breakpoint on."""
-    times: list[float] = []
-    values: list[float] = []
-    cur = 0.0
-    for t, d in sorted(events):
-        cur += d
-        if times and t == times[-1]:
-            values[-1] = cur
-        else:
-            times.append(t)
-            values.append(cur)
-    return times, values
-
-
-def resample(times: list[float], values: list[float], t0: float, t1: float,
-             points: int = MAX_POINTS) -> tuple[list[float], list[float]]:
-    """The same step curve with at most ``points`` steps: time averages over equal bins
-    (areas, hence core-hours, are kept)."""
-    if len(times) <= points:
-        return times, values
-    import bisect
-    cum = [0.0]  # area from times[0] up to times[i]
-    for i in range(1, len(times)):
-        cum.append(cum[-1] + values[i - 1] * (times[i] - times[i - 1]))
-
-    def area(t: float) -> float:
-        i = bisect.bisect_right(times, t) - 1
-        return 0.0 if i < 0 else cum[i] + values[i] * (t - times[i])
-
-    w = (t1 - t0) / points
-    edges = [t0 + k * w for k in range(points + 1)]
-    areas = [area(e) for e in edges]
-    return edges, [(areas[k + 1] - areas[k]) / w for k in range(points)] + [0.0]
 
 
 def _slowest(attempts: list[Attempt]) -> list[Attempt]:

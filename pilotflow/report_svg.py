@@ -7,6 +7,7 @@ format, and every piece of text from a run (token names, hosts, reasons) goes th
 
 from __future__ import annotations
 
+import bisect
 import math
 import time
 from html import escape
@@ -216,3 +217,38 @@ def utilisation_svg(rep) -> str:
                f'<text x="{lx + 170}" y="17">busy cores (peak {rep.peak_busy})</text></g>')
     out.append("</svg>")
     return "\n".join(out)
+
+
+def step_curve(events: list[tuple[float, float]]) -> tuple[list[float], list[float]]:
+    """(time, delta) events → breakpoints and the value from each breakpoint on."""
+    times: list[float] = []
+    values: list[float] = []
+    cur = 0.0
+    for t, d in sorted(events):
+        cur += d
+        if times and t == times[-1]:
+            values[-1] = cur
+        else:
+            times.append(t)
+            values.append(cur)
+    return times, values
+
+
+def resample(times: list[float], values: list[float], t0: float, t1: float,
+             points: int = 1500) -> tuple[list[float], list[float]]:
+    """The same step curve with at most ``points`` steps: time averages over equal bins
+    (areas, hence core-hours, are kept)."""
+    if len(times) <= points:
+        return times, values
+    cum = [0.0]  # area from times[0] up to times[i]
+    for i in range(1, len(times)):
+        cum.append(cum[-1] + values[i - 1] * (times[i] - times[i - 1]))
+
+    def area(t: float) -> float:
+        i = bisect.bisect_right(times, t) - 1
+        return 0.0 if i < 0 else cum[i] + values[i] * (t - times[i])
+
+    w = (t1 - t0) / points
+    edges = [t0 + k * w for k in range(points + 1)]
+    areas = [area(e) for e in edges]
+    return edges, [(areas[k + 1] - areas[k]) / w for k in range(points)] + [0.0]

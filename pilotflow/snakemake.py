@@ -33,26 +33,26 @@ class ExecutorSettings(ExecutorSettingsBase):
         "env_var": False, "required": False})
     max_pilots: int = field(default=10, metadata={
         "help": "At most this many pilots queued or running at once, over all resources "
-                "(a resource's own max_pilots also applies).",
+                "(a resource's own max_pilots also applies). Default 10.",
         "env_var": False, "required": False})
     lock_timeout: str = field(default="5m", metadata={
-        "help": "A pilot silent this long is dead and its jobs are run elsewhere (e.g. 90s, 5m).",
+        "help": "A pilot silent this long is dead and its jobs are run elsewhere (e.g. 90s, 5m; default 5m).",
         "env_var": False, "required": False})
     idle_timeout: str = field(default="60s", metadata={
         "help": "How long an idle pilot waits for new jobs before it exits (e.g. 30s, 2m). "
-                "Pilots still alive when the workflow ends are cancelled.",
+                "Pilots still alive when the workflow ends are cancelled. Default 60s.",
         "env_var": False, "required": False})
     default_runtime: int = field(default=10, metadata={
         "help": "Runtime estimate in minutes for jobs without a 'runtime' resource; the planner "
-                "sizes pilot walltimes from these estimates.",
+                "sizes pilot walltimes from these estimates. Default 10.",
         "env_var": False, "required": False})
     optimize: str = field(default="makespan", metadata={
         "help": "After the fewest pilots, the planner prefers the shortest makespan ('makespan') "
-                "or the fewest node-hours ('node-hours').",
+                "or the fewest node-hours ('node-hours'). Default: makespan.",
         "choices": ["makespan", "node-hours"], "env_var": False, "required": False})
     status_interval: float = field(default=1.0, metadata={
         "help": "Seconds between status checks. A check reads the token pools (one call per "
-                "resource); schedulers are asked about pilots only every 10 s.",
+                "resource); schedulers are asked about pilots only every 10 s. Default 1.",
         "env_var": False, "required": False})
 
 
@@ -193,10 +193,13 @@ def load_resources_file(path: Path) -> list:
     every problem is reported at once as FILE:LINE: message."""
     from pilotflow.bundle import TOP_KEYS, _check_keys, _Problems, load_resources, read_toml
     from pilotflow.errors import BundleError
-    data, lines = read_toml(Path(path))
-    pb = _Problems(Path(path), lines)
+    path = Path(path)
+    if not path.is_file():
+        raise BundleError([f"{path}: no such file; --pilotflow-resources takes a TOML file of [[resource]] tables"])
+    data, lines = read_toml(path)
+    pb = _Problems(path, lines)
     _check_keys(data, TOP_KEYS, (), "top level", pb)
-    if "resource" not in data:
+    if "resource" not in data and not pb.items:
         pb.add((), 'no [[resource]] table: add one, for example\n  [[resource]]\n  name = "cluster"\n'
                     '  scheduler = "slurm"\n  cores_per_node = 32')
     resources = load_resources(data, pb)

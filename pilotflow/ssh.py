@@ -216,6 +216,8 @@ class SshTransport(Transport):
                 time.sleep(0.002)
         code = chan.recv_exit_status()
         chan.close()
+        if code == -1:  # the channel closed without an exit status: the session was cut
+            raise EOFError("the session ended without an exit status")
         return Result(list(argv), code, out.decode("utf-8", "replace"), err.decode("utf-8", "replace"))
 
     # files -----------------------------------------------------------------------------

@@ -171,8 +171,10 @@ walltime = "2s"
 @pytest.mark.ssh
 @pytest.mark.slurm
 def test_ssh_cut_in_the_middle_of_sbatch_does_not_submit_twice(work, slurm_cluster, tmp_path_factory):
+    import tempfile
     from tests.daemons.sshd import SshServer
-    d = tmp_path_factory.mktemp("cut")
+    d = Path(tempfile.mkdtemp(prefix="pf-cut-", dir="/tmp"))  # writable by the remote user
+    os.chmod(d, 0o777)
     # a FAKE sbatch on the remote side: submits for real, then kills the SSH session it runs
     # in, once — the client sees the connection break and does not know the job id
     real = shutil.which("sbatch")
@@ -182,7 +184,6 @@ if [ ! -e "{d}/cut" ]; then touch "{d}/cut"; kill -9 $(ps -o ppid= -p $PPID) $PP
 echo "$out"
 """)
     (d / "sbatch").chmod(0o755)
-    os.chmod(d, 0o755)
     server = SshServer.start(tmp_path_factory.mktemp("sshd-cut"),
                              env={**slurm_cluster.env, "PATH": f"{d}:/usr/local/bin:/usr/bin:/bin"})
     try:
@@ -211,3 +212,4 @@ walltime = "2s"
         assert status_json(work, run, env=env)["counts"]["done"] == 4
     finally:
         server.stop()
+        shutil.rmtree(d, ignore_errors=True)

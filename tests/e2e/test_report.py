@@ -151,7 +151,10 @@ def test_report_of_a_local_run_renders_in_chromium(work):
     counts = Counter(pixels)
     white = counts[(255, 255, 255)] + near("#fbfcfd", counts, 1)
     assert white < 0.9 * len(pixels), "the screenshot is (nearly) blank"
-    assert near(COLOURS["done"], counts) > 500, "no green done bars were painted"
+    # the legend's swatches and texts have a few hundred pixels of these colours: thousands
+    # mean the bars, and the node's span behind them, were painted
+    assert near(COLOURS["done"], counts) > 5000, "no green done bars were painted"
+    assert near("#dfe7f3", counts, 2) > 5000, "no node span was painted"
     assert near(COLOURS["error"], counts) > 20 and near(COLOURS["retried"], counts) > 5
     assert len(counts) > 50
 
@@ -183,4 +186,4 @@ def test_report_of_a_multi_node_slurm_run_renders_in_chromium(work, slurm_cluste
     assert len(bars) >= 60
     nodes = set(re.findall(r"pilot (p\d+), node (\d+)", " ".join(bars)))
     assert len(nodes) >= 2, nodes  # spread over several nodes, drawn as several rows
-    assert near(COLOURS["done"], Counter(pixels)) > 500
+    assert near(COLOURS["done"], Counter(pixels)) > 5000
