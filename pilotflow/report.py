@@ -8,15 +8,15 @@ library (matplotlib, plotly, bokeh): none is a dependency of pilotflow; the inte
 embed megabytes of JavaScript (or fetch it from a CDN, which a self-contained file must
 not); static images lose the per-bar hover text. Why SVG and not a ``<canvas>`` drawn by a
 script from embedded JSON: SVG needs no JavaScript, so the page reads the same in any
-browser, viewer or mail client with scripts blocked, stays searchable and testable as a DOM
+browser, viewer or mail client with scripts blocked, stays inspectable and testable as a DOM
 (the end-to-end test counts the bars Chromium parsed), and prints crisply; at ~150 bytes a
 bar, 10,000 attempts make a page of about 2 MB, written in well under a second, which
 browsers render without trouble. The price, paid only past some 100,000 attempts, is DOM
 size; a canvas would be the next step then.
 
 What the report draws comes from the local mirror: ``states.jsonl`` keeps every state a
-sync saw, so an attempt seen by some sync (running, or ended and handed back) keeps its own
-bar even after a later attempt replaced its state. Attempts whose end no sync saw (a failure
+sync saw (until it is compacted), so an attempt seen by some sync (running, or ended and
+handed back) keeps its own bar even after a later attempt replaced its state. Attempts whose end no sync saw (a failure
 retried within one poll interval) are looked up on the resource when a session is given, in
 one call per resource: the claim file says when and where the attempt started, the mtime
 of its hand-back note when it ended (else the next attempt's start or its node's end bound
@@ -45,8 +45,7 @@ MAX_STDERR = 20  # failed tokens whose stderr is fetched from the resource
 MAX_CLAIMS = 1000  # earlier attempts whose end no sync saw, looked up on the resource
 TAIL_LINES = 10
 SLOWEST = 10
-MAX_POINTS = 1500  # the utilisation curves are resampled (time averages) beyond this
-LAG = 0.1  # seconds an attempt's recorded end may trail the start of the next one on its cores
+LAG = 2.0  # seconds an attempt's recorded end may trail the start of the next one on its cores
 
 
 @dataclass
@@ -84,6 +83,7 @@ class Row:
     host: str
     start: float | None = None
     end: float | None = None
+    cores: int | None = None  # the launcher's cores
     lanes: int = 0
     attempts: list[Attempt] = field(default_factory=list)
 
@@ -174,7 +174,7 @@ def write_report(record, snap, output, session=None, now: float | None = None) -
 def build(record, snap, session=None, now: float | None = None) -> Report:
     now = time.time() if now is None else now
     tasks = {t.name: t for t in record.tasks()}
-    states: dict[str, dict] = snap.states
+    states: dict[str, dict] = dict(snap.states.items())  # decoded once (a compact mapping, or a dict)
     agents = getattr(snap, "agents", None) or record.mirror.agents()
     pilots = _pilot_spans(record, agents, now)
     docs = _attempt_docs(record, states)
@@ -182,11 +182,8 @@ def build(record, snap, session=None, now: float | None = None) -> Report:
         _fetch_earlier(record, session, states, docs, tasks)
     attempts, unseen = _attempts(docs, states, tasks, pilots, now)
     rows = _rows(pilots, agents, attempts, now)
-    lag = 0.0
-    if attempts:  # the lag tolerated: LAG at most; 10 ms at least (a few ms on a local disk)
-        lag = min(LAG, max(0.01, 0.002 * (max(a.end for a in attempts) - min(a.start for a in attempts))))
     for row in rows:
-        row.lanes = pack_lanes(row.attempts, lag) if row.attempts else 0
+        row.lanes = pack_lanes(row.attempts, row.cores)
 
     used = sum(a.cores * a.shown for a in attempts)
     starts = [a.start for a in attempts] + [p.start for p in pilots.values() if p.start is not None]
@@ -387,48 +384,59 @@ def _rows(pilots: dict[str, PilotSpan], agents: dict, attempts: list[Attempt], n
         key = (pid, int(a.get("agent") or 0))
         p = pilots[pid]
         end = _agent_end(a, p.state in FINISHED_PILOT, now) if a.get("start") is not None else None
-        if end is not None and p.end is not None:
-            end = min(end, p.end)
-        rows[key] = Row(pid, key[1], str(a.get("host") or "?"), a.get("start"), end)
+        rows[key] = Row(pid, key[1], str(a.get("host") or "?"), a.get("start"), end,
+                        int(a.get("cores") or 0) or p.cores_per_node)
     for at in attempts:
         key = (at.pilot, at.agent)
         if key not in rows:
             if at.pilot not in pilots:
                 pilots[at.pilot] = PilotSpan(at.pilot, "?", 1, at.cores, 0, "unknown", None, None)
-            rows[key] = Row(at.pilot, at.agent, at.host)
+            rows[key] = Row(at.pilot, at.agent, at.host, cores=pilots[at.pilot].cores_per_node)
         rows[key].attempts.append(at)
     for key in sorted(rows, key=lambda k: (_natural(str(k[0])), k[1])):
         pilots[key[0]].rows.append(rows[key])
     return list(rows.values())
 
 
-def pack_lanes(attempts: list[Attempt], lag: float = LAG) -> int:
+def pack_lanes(attempts: list[Attempt], cores: int | None = None, lag: float = LAG) -> int:
     """Greedy interval packing: each attempt, by start time, goes to the lowest-numbered
     lane free at its start (a new one if none is); returns the number of lanes. This uses
     as few lanes as the most attempts running at once on the node.
 
     A launcher starts the next tasks on freed cores *before* it writes the ended attempts'
-    states (see ``Agent.run``), so a recorded end trails the next start by the time that
-    takes. A lane whose last attempt ends less than ``lag`` after a start counts as free,
-    and that attempt is drawn (``shown_end``) up to the next start: bars never overlap."""
+    states (see ``Agent.run``), so a recorded end trails the next start by up to a few
+    tenths of a second. A node never runs more than its ``cores``: when an attempt would
+    take more, the attempts recorded as ending soonest (within ``lag``) had in fact ended;
+    they are drawn (``shown_end``) up to its start and it takes the first one's lane."""
     attempts.sort(key=lambda a: (a.start, a.end, a.token))
-    busy: list[tuple[float, int]] = []  # (end, lane) of lanes in use
-    free: list[int] = []  # lanes free at the current start
-    lagging: list[int] = []  # lanes whose attempt ends within ``lag`` after it: taken first
+    busy: list[tuple[float, int]] = []  # (recorded end, lane) of the lanes in use
+    free: list[int] = []
     last: dict[int, Attempt] = {}
-    lanes = 0
+    used = lanes = 0
     for a in attempts:
         a.shown_end = a.end
-        while busy and busy[0][0] <= a.start + lag:
-            end, lane = heapq.heappop(busy)
-            heapq.heappush(lagging if end > a.start else free, lane)
-        if lagging or free:
-            a.lane = heapq.heappop(lagging or free)
-            prev = last[a.lane]
-            prev.shown_end = min(prev.shown_end, max(prev.start, a.start))
+        while busy and busy[0][0] <= a.start:
+            lane = heapq.heappop(busy)[1]
+            used -= last[lane].cores
+            heapq.heappush(free, lane)
+        taken = None
+        while cores and used + a.cores > cores and busy and busy[0][0] <= a.start + lag:
+            lane = heapq.heappop(busy)[1]
+            prev = last[lane]
+            used -= prev.cores
+            prev.shown_end = max(prev.start, a.start)
+            if taken is None:
+                taken = lane
+            else:
+                heapq.heappush(free, lane)
+        if taken is not None:
+            a.lane = taken
+        elif free:
+            a.lane = heapq.heappop(free)
         else:
             a.lane, lanes = lanes, lanes + 1
         last[a.lane] = a
+        used += a.cores
         heapq.heappush(busy, (a.end, a.lane))
     return lanes
 
@@ -475,7 +483,6 @@ def render_html(rep: Report) -> str:
                              trim_blocks=True, lstrip_blocks=True)
     env.filters["dur"] = svg.fmt_duration
     env.filters["clock"] = lambda t: svg.fmt_clock(t, with_date=True)
-    env.filters["coreh"] = lambda s: f"{s / 3600:,.2f}"
     return env.get_template("report.html.j2").render(
         rep=rep, version=__version__, colours=svg.COLOURS, outcomes=OUTCOMES,
         timeline=Markup(svg.timeline_svg(rep)), utilisation=Markup(svg.utilisation_svg(rep)),

@@ -21,6 +21,7 @@ GUTTER = 210  # labels on the left
 RIGHT = 16
 AXIS = 26
 LANES_PX = 1400  # the height all lanes share at most, before lanes get thinner
+MAX_POINTS = 1500  # the utilisation curves are resampled (time averages) beyond this
 STEPS = (0.1, 0.2, 0.5, 1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 900, 1800, 3600, 7200, 10800, 21600,
          43200, 86400, 172800, 604800)
 
@@ -235,7 +236,7 @@ def step_curve(events: list[tuple[float, float]]) -> tuple[list[float], list[flo
 
 
 def resample(times: list[float], values: list[float], t0: float, t1: float,
-             points: int = 1500) -> tuple[list[float], list[float]]:
+             points: int = MAX_POINTS) -> tuple[list[float], list[float]]:
     """The same step curve with at most ``points`` steps: time averages over equal bins
     (areas, hence core-hours, are kept)."""
     if len(times) <= points:

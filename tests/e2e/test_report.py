@@ -147,6 +147,10 @@ def test_report_of_a_local_run_renders_in_chromium(work):
     assert re.search(r'id="retries">1<', dom) and re.search(r'id="n-error">1 error<', dom)
     assert "checksum mismatch in input.dat" in dom  # the failure's stderr tail
     assert '<svg id="utilisation"' in dom and "pilot p1" in dom
+    # one 4-core node: never more than 4 lanes, nor 4 busy cores (late recorded ends absorbed)
+    assert len(set(re.findall(r'<rect x="[\d.]+" y="([\d.]+)"', " ".join(
+        re.findall(r'<g class="bars o-\w+"[^>]*>.*?</g>', dom, re.S))))) <= 4
+    assert int(re.search(r"peak (\d+) busy cores", dom).group(1)) <= 4
 
     counts = Counter(pixels)
     white = counts[(255, 255, 255)] + near("#fbfcfd", counts, 1)
@@ -186,4 +190,5 @@ def test_report_of_a_multi_node_slurm_run_renders_in_chromium(work, slurm_cluste
     assert len(bars) >= 60
     nodes = set(re.findall(r"pilot (p\d+), node (\d+)", " ".join(bars)))
     assert len(nodes) >= 2, nodes  # spread over several nodes, drawn as several rows
+    assert int(re.search(r"peak (\d+) busy cores", dom).group(1)) <= 12  # 3 nodes × 4 cores at most
     assert near(COLOURS["done"], Counter(pixels)) > 5000

@@ -43,8 +43,7 @@ def make_run(directory: Path, tasks: list[Task], pilots: list[PilotRecord], hist
         for d in history:
             f.write(json.dumps(d, separators=(",", ":"), sort_keys=True) + "\n")
     rec.mirror.set_agents(agents)
-    states = {d["token"]: d for d in history}  # the last record of each token wins
-    return rec, Snapshot(states=states, changed=[], agents=agents)
+    return rec, Snapshot(states=rec.mirror.states(), changed=[], agents=agents)  # as a sync leaves it
 
 
 def doc(token, attempt, state, start, end, pilot="p1", agent=0, host="n1", exit_code=None, reason="", **kw):
@@ -172,13 +171,22 @@ def test_lost_running_and_unseen_attempts(tmp_path):
 
 
 def test_lane_packing_uses_the_fewest_lanes_and_absorbs_bookkeeping_lag():
-    def at(name, s, e):
-        return Attempt(name, 1, "done", s, e, "p1", 0, "n", 1)
+    def at(name, s, e, cores=1):
+        return Attempt(name, 1, "done", s, e, "p1", 0, "n", cores)
     xs = [at("a", 0, 10), at("b", 0, 5), at("c", 5, 8), at("d", 8.0, 12), at("e", 9.9, 11)]
-    assert pack_lanes(xs, lag=0) == 3  # b c d | a | e: e starts while a and d run
+    assert pack_lanes(xs) == 3  # b c d | a | e: e starts while a and d run
     assert sorted((x.token, x.lane) for x in xs) == [("a", 1), ("b", 0), ("c", 0), ("d", 0), ("e", 2)]
-    ys = [at("a", 0, 10.02), at("b", 10.0, 20)]  # a's end recorded 20 ms after b started on its core
-    assert pack_lanes(ys, lag=0.1) == 1 and ys[0].shown == pytest.approx(10.0) and ys[0].duration > 10
+    assert all(x.shown == x.duration for x in xs)  # no capacity given: nothing is clipped
+    # a 2-core node: b's end was recorded 50 ms after c started on the core b had freed
+    a, b, c = at("a", 0, 10), at("b", 0, 5.05), at("c", 5.0, 8)
+    assert pack_lanes([a, b, c], cores=2) == 2
+    assert b.shown == pytest.approx(5.0) and b.duration == pytest.approx(5.05) and c.lane == b.lane
+    # with a core to spare the same records are real concurrency: a third lane, no clipping
+    a, b, c = at("a", 0, 10), at("b", 0, 5.05), at("c", 5.0, 8)
+    assert pack_lanes([a, b, c], cores=3) == 3 and b.shown == pytest.approx(5.05)
+    # a 2-core task needs both lanes' attempts to have ended
+    a, b, c = at("a", 0, 5.02), at("b", 0, 5.03), at("c", 5.0, 8, cores=2)
+    assert pack_lanes([a, b, c], cores=2) == 2 and a.shown == b.shown == pytest.approx(5.0)
 
 
 def test_resampled_curves_keep_their_area():
@@ -229,9 +237,9 @@ def synthetic(directory: Path, n: int = 10_000, seed: int = 7):
                 history.append(doc(name, a, "done", start, end, exit_code=0, **base))
     last = max(d["end"] for d in history)
     for node in nodes:
+        delay, cpn = {s[0]: (s[3], s[2]) for s in shapes}[node["pilot"]]
         agents[f"{node['pilot']}.{node['agent']}"] = agent(node["pilot"], node["agent"], node["host"],
-                                                           T0 + dict((s[0], s[3]) for s in shapes)[node["pilot"]],
-                                                           None, 16)
+                                                           T0 + delay, None, cpn)
     return make_run(directory, tasks, pilots, history, agents), last
 
 
