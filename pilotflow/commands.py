@@ -122,7 +122,7 @@ def _wait(run: str, watch_only: bool = False) -> int:
 def _followup(s: Session, snap, why: str) -> int:
     from pilotflow.submit import plan_remaining, submit_pilots
     record = s.record
-    left = {t.name for t in record.tasks() if snap.states.get(t.name, {}).get("state", "todo") == "todo"}
+    left = {t.name for t in record.tasks() if snap.states.state(t.name) == "todo"}
     if not left:
         return 0
     plan = plan_remaining(record, left)
@@ -187,7 +187,7 @@ def retry(args: Namespace) -> int:
         record.cancelled = False
         record.followups = 0
         live = {p.id for p in record.pilots.values() if p.state not in ("ended", "failed", "cancelled")}
-        left = {t.name for t in record.tasks() if snap.states.get(t.name, {}).get("state", "todo") == "todo"}
+        left = {t.name for t in record.tasks() if snap.states.state(t.name) == "todo"}
         print(f"{len(scrubbed)} token(s) scrubbed back to todo; {len(left)} token(s) to run")
         if not left:
             return 0

@@ -14,7 +14,9 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import sys
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -163,6 +165,54 @@ def list_runs(cwd: Path | None = None) -> list[RunRecord]:
     return sorted(out, key=lambda r: r.created, reverse=True)
 
 
+def _canonical(doc: dict) -> bytes:
+    return json.dumps(doc, separators=(",", ":"), sort_keys=True).encode()
+
+
+class States(Mapping):
+    """Token name → state document, stored compactly: the canonical JSON bytes of each
+    document (decoded only when asked for) and its state word. A client holding a 100k-token
+    run keeps a few hundred bytes per token instead of a Python dict per token."""
+
+    __slots__ = ("_raw", "_state")
+
+    def __init__(self):
+        self._raw: dict[str, bytes] = {}
+        self._state: dict[str, str] = {}
+
+    def __getitem__(self, name: str) -> dict:
+        return json.loads(self._raw[name])
+
+    def __iter__(self):
+        return iter(self._raw)
+
+    def __len__(self) -> int:
+        return len(self._raw)
+
+    def __contains__(self, name) -> bool:
+        return name in self._raw
+
+    def put(self, name: str, doc: dict | bytes) -> bool:
+        """Store; returns whether it differs from what was there."""
+        raw = doc if isinstance(doc, bytes) else _canonical(doc)
+        if self._raw.get(name) == raw:
+            return False
+        self._raw[name] = raw
+        st = json.loads(raw).get("state", "todo") if isinstance(doc, bytes) else doc.get("state", "todo")
+        self._state[name] = sys.intern(str(st))
+        return True
+
+    def state(self, name: str) -> str:
+        return self._state.get(name, "todo")
+
+    def states(self):
+        """(name, state word) pairs, without decoding documents."""
+        return self._state.items()
+
+    def raw(self, name: str) -> bytes:
+        return self._raw[name]
+
+
 class Mirror:
     """The local copy of a run's token states (see the module docstring)."""
 
@@ -170,8 +220,8 @@ class Mirror:
         self.dir = directory
         self.journal = directory / "states.jsonl"
 
-    def states(self) -> dict[str, dict]:
-        out: dict[str, dict] = {}
+    def states(self) -> States:
+        out = States()
         try:
             f = open(self.journal, "rb")
         except FileNotFoundError:
@@ -180,21 +230,23 @@ class Mirror:
             for line in f:
                 try:
                     doc = json.loads(line)
-                except ValueError:
+                    name = doc.pop("token")
+                except (ValueError, KeyError, AttributeError):
                     continue  # a record torn by an interrupted sync: the next sync re-sends it
-                out[doc["token"]] = doc
+                out.put(name, doc)
         return out
 
-    def update(self, docs: dict[str, dict], known: dict[str, dict]) -> list[str]:
+    def update(self, docs: dict[str, dict], known: States) -> list[str]:
         """Append the states that differ from ``known`` (which is updated); returns their names."""
-        changed = [n for n, d in docs.items() if known.get(n) != d]
+        changed = []
+        records = []
+        for n, d in docs.items():
+            d = {k: v for k, v in d.items() if k != "token"}
+            if known.put(n, d):
+                changed.append(n)
+                records.append(_canonical(dict(d, token=n)).decode())
         if not changed:
             return []
-        records = []
-        for n in changed:
-            doc = dict(docs[n], token=n)
-            known[n] = docs[n]
-            records.append(json.dumps(doc, separators=(",", ":"), sort_keys=True))
         data = ("\n".join(records) + "\n").encode()
         fd = os.open(self.journal, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         try:
@@ -203,7 +255,7 @@ class Mirror:
             os.close(fd)
         return changed
 
-    def compact(self, known: dict[str, dict]) -> None:
+    def compact(self, known: States) -> None:
         """Rewrite the journal with one record per token if it grew past twice that."""
         try:
             with open(self.journal, "rb") as f:
@@ -212,9 +264,9 @@ class Mirror:
             return
         if lines <= 2 * max(len(known), 1000):
             return
-        data = "".join(json.dumps(dict(d, token=n), separators=(",", ":"), sort_keys=True) + "\n"
-                       for n, d in known.items())
-        write_atomic(str(self.journal), data.encode())
+        data = b"".join(known.raw(n)[:-1] + b',"token":' + json.dumps(n).encode() + b"}\n" if known.raw(n) != b"{}"
+                        else _canonical({"token": n}) + b"\n" for n in known)
+        write_atomic(str(self.journal), data)
 
     def cursor(self) -> dict:
         return read_json(str(self.dir / "sync.json")) or {}

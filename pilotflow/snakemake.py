@@ -13,6 +13,7 @@ are imported only when the executor starts.
 """
 
 # no `from __future__ import annotations`: Snakemake reads the settings' field types at runtime
+import asyncio
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -92,7 +93,6 @@ class Executor(RemoteExecutor):
         self.pilots = OpenRun(resources, workdir=Path(os.getcwd()), lock_timeout_s=lock_timeout,
                               idle_timeout_s=idle_timeout, max_pilots=s.max_pilots, optimize=s.optimize,
                               log=self.logger.info)
-        self.next_seconds_between_status_checks = s.status_interval
         self.logger.info(f"pilotflow: run {self.pilots.run} on {', '.join(r.name for r in resources)} "
                          f"(`pilotflow status {self.pilots.run}` shows its tokens and pilots)")
 
@@ -173,6 +173,13 @@ class Executor(RemoteExecutor):
                 self.report_job_error(j, msg=msg + "\n", aux_logs=paths)
             else:
                 yield j
+
+    async def sleep(self) -> None:
+        """Between status checks. Overridden because the interface's waiting thread starts
+        before ``__post_init__`` and would sleep Snakemake's default 10 s before the first
+        check; a check is cheap, so short jobs are reported within a second."""
+        settings = getattr(self, "settings", None)
+        await asyncio.sleep(settings.status_interval if settings is not None else 0.2)
 
     def cancel_jobs(self, active_jobs: List[SubmittedJobInfo]) -> None:
         """Ctrl-C or a failed workflow: cancel the pilots; their launchers stop the jobs and

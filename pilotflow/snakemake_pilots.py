@@ -361,10 +361,13 @@ class OpenRun:
                 run_checked(self.session.transport(name), sched.cancel_argv([p.job_id for p in pilots]),
                             f"cancelling pilots on {name}", transient=lambda r: sched.transient(r.returncode, r.stderr))
             self.record.cancelled = True
+            # gone for the scheduler, and their launchers said goodbye (tokens handed back)
             deadline = time.time() + wait_s
             while live and time.time() < deadline:
                 refresh_pilots(self.session)
-                if all(p.state in FINISHED for p in live):
+                self.agents = sync_states(self.session).agents
+                started = {a.get("pilot") for a in self.agents.values()}
+                if all(p.state in FINISHED and (p.id not in started or self._ended(p.id)) for p in live):
                     break
                 time.sleep(0.3)
             release_dead(self.session)

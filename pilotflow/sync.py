@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pilotflow.errors import ExternalError
-from pilotflow.runs import RunRecord
+from pilotflow.runs import RunRecord, States
 from pilotflow.schedulers import backend
 from pilotflow.schedulers.base import FINISHED, UNKNOWN
 from pilotflow.transport import Transport, connect, run_checked
@@ -23,15 +23,22 @@ from pilotflow.transport import Transport, connect, run_checked
 
 @dataclass
 class Snapshot:
-    states: dict[str, dict]  # token → state (mirror after this sync)
+    states: "States"  # token → state document (the mirror after this sync), stored compactly
     changed: list[str]
     agents: dict[str, dict]
     pilots_changed: list[str] = field(default_factory=list)
 
+    def __post_init__(self):
+        if not isinstance(self.states, States):  # a plain dict (tests, the Python API)
+            store = States()
+            for name, doc in self.states.items():
+                store.put(name, doc)
+            self.states = store
+
     def counts(self, total: int) -> dict[str, int]:
         c = {"todo": 0, "locked": 0, "done": 0, "error": 0}
-        for doc in self.states.values():
-            c[doc.get("state", "todo")] = c.get(doc.get("state", "todo"), 0) + 1
+        for _, st in self.states.states():
+            c[st] = c.get(st, 0) + 1
         c["todo"] += total - len(self.states)
         return c
 
@@ -154,7 +161,7 @@ def release_dead(s: Session) -> list[str]:
         dead = [p.id for p in record.pilots.values() if p.resource == name and p.state in FINISHED]
         if not dead:
             continue
-        locked = [n for n, d in s.known.items() if d.get("state") == "locked" and d.get("pilot") in dead]
+        locked = [n for n, st in s.known.states() if st == "locked" and s.known[n].get("pilot") in dead]
         if not locked:
             continue
         res = record.resource(name)
@@ -189,7 +196,7 @@ def fetch_outputs(s: Session, names: list[str] | None = None) -> int:
     for task in record.tasks():
         if not task.outputs or (names is not None and task.name not in names):
             continue
-        if s.known.get(task.name, {}).get("state") != "done":
+        if s.known.state(task.name) != "done":
             continue
         t = s.transport(task.resource)
         for rel in task.outputs:
@@ -224,7 +231,7 @@ class OutputFetcher:
     def submit(self, names) -> None:
         for n in names:
             t = self.tasks.get(n)
-            if t is None or n in self.done or self.s.known.get(n, {}).get("state") != "done":
+            if t is None or n in self.done or self.s.known.state(n) != "done":
                 continue
             self.done.add(n)
             self.futures.append(self.pool.submit(self._fetch, t))

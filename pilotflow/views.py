@@ -57,10 +57,12 @@ def status_json(record, snap) -> dict:
 
 def _pilot_rows(record, snap):
     per: dict[str, dict[str, int]] = {}
-    for d in snap.states.values():
-        if d.get("pilot"):
-            c = per.setdefault(d["pilot"], {})
-            c[d.get("state")] = c.get(d.get("state"), 0) + 1
+    for name, st in snap.states.states():
+        if st in ("locked", "done", "error"):
+            pilot = snap.states[name].get("pilot")
+            if pilot:
+                c = per.setdefault(pilot, {})
+                c[st] = c.get(st, 0) + 1
     return per
 
 
@@ -79,7 +81,7 @@ def print_status(record, snap) -> None:
         t.add_row(p.id, p.resource, str(p.job_id or "-"), p.state, str(p.nodes), str(c.get("locked", 0)),
                   str(c.get("done", 0)), str(c.get("error", 0)))
     out.print(t)
-    errors = [(n, d) for n, d in snap.states.items() if d.get("state") == "error"]
+    errors = [(n, snap.states[n]) for n, st in snap.states.states() if st == "error"]
     for n, d in errors[:10]:
         out.print(f"  [red]error[/red] {n}: {d.get('reason', '')}")
     if len(errors) > 10:
