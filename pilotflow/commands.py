@@ -8,6 +8,7 @@ import time
 from argparse import Namespace
 
 from pilotflow.errors import RunFailed, UsageError
+from pilotflow.schedulers.base import FINISHED
 from pilotflow.runs import find_run, list_runs
 from pilotflow.sync import Session, fetch_logs, fetch_outputs, refresh_pilots, release_dead, sync_states
 
@@ -100,36 +101,74 @@ def _wait(run: str, watch_only: bool = False) -> int:
                 return 0
             # poll often while tokens change, back off (to 5 s) while nothing does
             delay = 0.25 if snap.changed else min(delay * 1.5, 5.0)
-            alive = [p for p in record.pilots.values() if p.state not in ("ended", "failed", "cancelled")]
-            if not alive and not watch_only and not ask:
-                asked = 0.0  # make sure with a fresh answer before deciding on follow-ups
+            if watch_only:
+                time.sleep(delay)
                 continue
-            if not alive and not watch_only:
-                if record.cancelled:
+            if record.cancelled:
+                alive = [p for p in record.pilots.values() if p.state not in FINISHED]
+                if not alive:
                     raise UsageError(f"run {record.run} was cancelled with {counts['todo']} token(s) left; "
                                      f"`pilotflow retry {record.run}` submits pilots for them")
-                if record.followups >= MAX_FOLLOWUPS:
-                    raise RunFailed(f"every pilot of run {record.run} ended with {counts['todo']} token(s) left "
-                                    f"after {record.followups} follow-up round(s); check `pilotflow status` and "
-                                    f"the pilots' output, then `pilotflow retry {record.run}`")
-                record.followups += 1
-                n = _followup(s, snap, f"every pilot ended with {counts['todo']} token(s) left")
-                view.note(f"submitted {n} follow-up pilot(s)")
+                time.sleep(delay)
+                continue
+            if ask and len(record.resources) > 1:
+                from pilotflow.failover import broken, fail_over
+                for name, why in broken(s, snap).items():
+                    if not record.resources[name].get("broken") and fail_over(s, name, why, view.note):
+                        delay, ask_every = 0.5, 10.0
+            idle = _idle_resources(s, snap)
+            if idle and not ask:
+                asked = 0.0  # make sure with a fresh answer before deciding on follow-ups
+                continue
+            for name in idle:
+                rounds = record.resources[name].get("followups", 0)
+                if rounds >= MAX_FOLLOWUPS:
+                    raise RunFailed(f"every pilot of run {record.run} on {name} ended with token(s) left after "
+                                    f"{rounds} follow-up round(s); check `pilotflow status` and the pilots' "
+                                    f"output, then `pilotflow retry {record.run}`")
+                record.resources[name]["followups"] = rounds + 1
+                n = _followup(s, snap, f"every pilot on {name} ended with work left", resource=name)
+                view.note(f"submitted {n} follow-up pilot(s) on {name}")
                 delay, ask_every = 0.5, 10.0
             time.sleep(delay)
 
 
-def _followup(s: Session, snap, why: str) -> int:
+def _idle_resources(s: Session, snap) -> list[str]:
+    """Resources (not broken) with todo tokens and no pilot queued or running."""
+    record = s.record
+    todo = {r for n, r in s.owner.items() if snap.states.state(n) == "todo"}
+    out = []
+    for name in sorted(todo):
+        if record.resources.get(name, {}).get("broken"):
+            continue
+        if not any(p.resource == name and p.state not in FINISHED for p in record.pilots.values()):
+            out.append(name)
+    return out
+
+
+def _followup(s: Session, snap, why: str, resource: str | None = None) -> int:
     from pilotflow.submit import plan_remaining, submit_pilots
     record = s.record
-    left = {t.name for t in record.tasks() if snap.states.state(t.name) == "todo"}
+    left = {t.name for t in record.tasks() if snap.states.state(t.name) == "todo"
+            and (resource is None or t.resource == resource)}
     if not left:
         return 0
     plan = plan_remaining(record, left)
     _err(f"{why}: submitting pilots for {len(left)} token(s)")
-    done = submit_pilots(record, plan, {n: s.transport(n) for n in record.resources}, log=_err)
+    done = submit_pilots(record, plan, LazyTransports(s), log=_err)
     record.save()
     return len(done)
+
+
+class LazyTransports(dict):
+    """The session's transports, connected only for the resources actually used."""
+
+    def __init__(self, s: Session):
+        super().__init__()
+        self.s = s
+
+    def __missing__(self, name: str):
+        return self.s.transport(name)
 
 
 def sync(args: Namespace) -> int:
@@ -169,11 +208,11 @@ def logs(args: Namespace) -> int:
 def retry(args: Namespace) -> int:
     record = find_run(args.run)
     if args.move_to:
-        raise UsageError("--move-to is not available yet")
+        return _move_to(record, args.move_to)
     with Session(record) as s:
         _sync(s)
         scrubbed: list[str] = []
-        for name in record.resources:
+        for name in record.active_resources():
             res = record.resource(name)
             opts = []
             if args.failed:
@@ -185,7 +224,10 @@ def retry(args: Namespace) -> int:
                 scrubbed += r["scrubbed"]
         snap = sync_states(s)
         record.cancelled = False
-        record.followups = 0
+        for info in record.resources.values():  # a retry gives every resource a fresh chance
+            info.pop("followups", None)
+            info.pop("broken", None)
+            info.pop("unreachable_since", None)
         live = {p.id for p in record.pilots.values() if p.state not in ("ended", "failed", "cancelled")}
         left = {t.name for t in record.tasks() if snap.states.state(t.name) == "todo"}
         print(f"{len(scrubbed)} token(s) scrubbed back to todo; {len(left)} token(s) to run")
@@ -195,6 +237,24 @@ def retry(args: Namespace) -> int:
             print(f"{len(live)} pilot(s) still queued or running; they take the work too")
         n = _followup(s, snap, "retry")
         print(f"submitted {n} pilot(s)")
+    return 0
+
+
+def _move_to(record, dst: str) -> int:
+    from pilotflow.failover import move
+    if dst not in record.resources:
+        raise UsageError(f"run {record.run} has no resource '{dst}'; its resources: {', '.join(record.resources)}")
+    with Session(record) as s:
+        snap = _sync(s)
+        names = [n for n, r in s.owner.items() if r != dst and snap.states.state(n) == "todo"]
+        if not names:
+            print("no todo token to move")
+            return 0
+        moved = move(s, names, dst, log=_err)
+        record.resources[dst].pop("broken", None)
+        record.save()
+    print(f"moved {len(moved)} token(s) to {dst}" + (f"; {len(names) - len(moved)} were claimed meanwhile or do not "
+                                                     f"fit {dst}" if len(moved) < len(names) else ""))
     return 0
 
 

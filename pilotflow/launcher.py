@@ -41,7 +41,8 @@ import sys
 import time
 
 TODO, LOCKED, DONE, ERROR = "todo", "locked", "done", "error"
-FINAL = (DONE, ERROR)
+MOVED = "moved"  # handed over to another resource's pool: never claimable here again
+FINAL = (DONE, ERROR, MOVED)
 LOST_LIMIT = 5  # attempts lost to dying pilots before a token is given up as error
 VERSION = 1
 
@@ -155,7 +156,7 @@ class Pool(object):
         the newest claim, so the token is never lost.
         """
         doc = read_json(self.path("state", name + ".json"))
-        if doc is None or doc.get("state") not in (TODO, LOCKED, DONE, ERROR):
+        if doc is None or doc.get("state") not in (TODO, LOCKED, DONE, ERROR, MOVED):
             garbage = os.path.exists(self.path("state", name + ".json"))
             attempt = self.last_claim(name) if garbage else 0
             doc = {"token": name, "state": TODO, "attempt": attempt, "failures": 0}
@@ -323,6 +324,24 @@ class Pool(object):
                 if self.release(name, doc, reason or "pilot %s stopped while running it" % doc.get("pilot")):
                     done.append(name)
         return done
+
+    def move_out(self, names, to):
+        """Take todo tokens out of this pool for another resource, exactly once each: the
+        next attempt is claimed with a ``moved`` record (no launcher can claim it after that)
+        and the state says where it went. Returns the names moved; a token a launcher claimed
+        meanwhile is not moved."""
+        out = []
+        for name in names:
+            doc = self.state(name)
+            if doc.get("state") != TODO:
+                continue
+            attempt = int(doc.get("attempt", 0)) + 1
+            rec = dict(doc, token=name, state=MOVED, attempt=attempt, to=to, end=time.time(),
+                       reason="moved to resource %s" % to)
+            if self.claim(name, attempt, dump(rec)):
+                self.put(name, rec)
+                out.append(name)
+        return out
 
     def lock_timeout(self):
         return float(self.meta.get("lock_timeout", 300))
@@ -834,8 +853,9 @@ class Agent(object):
         self.settled(t)
 
     def settled(self, t):
-        """A token reached done or error: wake (or fail) what waits for it."""
-        if t.status not in FINAL:
+        """A token reached done or error: wake (or fail) what waits for it. A token moved to
+        another resource takes its dependants with it: they are left alone here."""
+        if t.status not in FINAL or t.status == MOVED:
             return
         for w in self.waiting_on.pop(t.name, []):
             if w.status != TODO:
@@ -1113,6 +1133,10 @@ def main(argv=None):
     r.add_argument("--poll", type=float, default=0.5)
     r.add_argument("--steal-delay", type=float, default=1.0)
     r.add_argument("--warn-grace", type=float, default=10.0)
+    m = sub.add_parser("move", help="take todo tokens out of this pool for another resource")
+    m.add_argument("pool")
+    m.add_argument("--to", required=True)
+    m.add_argument("--names", nargs="*", default=[])
     c = sub.add_parser("changes", help="print state changes since a filesystem time, as JSON")
     c.add_argument("pool")
     c.add_argument("--since", type=float, default=None)
@@ -1148,6 +1172,9 @@ def main(argv=None):
         done = pool.scrub(failed=a.failed, stale=a.stale, names=names, timeout=a.timeout, reason=a.reason,
                           pilots=set(a.pilots) if a.pilots else None)
         sys.stdout.write(json.dumps({"scrubbed": done}))
+        return 0
+    if a.cmd == "move":
+        sys.stdout.write(json.dumps({"moved": Pool(a.pool).move_out(a.names, a.to)}))
         return 0
     if a.cmd == "info":
         sys.stdout.write(json.dumps(_info()))

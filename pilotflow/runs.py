@@ -80,8 +80,13 @@ class RunRecord:
     def resource(self, name: str) -> Resource:
         return resource_from_dict(self.resources[name]["resource"])
 
-    def pool(self, name: str) -> str:
-        return self.resources[name]["pool"]
+    def pool(self, name: str) -> str | None:
+        """The run's directory on that resource (None: nothing was sent there yet)."""
+        return self.resources[name].get("pool")
+
+    def active_resources(self) -> list[str]:
+        """Resources that hold a pool of this run."""
+        return [n for n, r in self.resources.items() if r.get("pool")]
 
     def tasks(self) -> list[Task]:
         return [task_from_dict(d) for d in read_json(str(self.directory / "tasks.json")) or []]

@@ -331,6 +331,10 @@ def _helper_args(command: str, args: tuple) -> list[str]:
     """The launcher's own command-line options for the client's helper calls."""
     if command == "changes":
         return ["--since", args[0]] if args else []
+    if command == "move":
+        import json
+        opts = dict(a.split("=", 1) for a in args)
+        return ["--to", opts["to"], "--names", *json.loads(opts["names"])]
     if command == "scrub":
         import json
         out = []

@@ -46,6 +46,8 @@ def new_run(bundle: Bundle, *, cwd: Path | None = None, dry_run: bool = False,
     where = {i: rp.resource.name for rp in plan.resources for i in rp.tasks}
     record.save_tasks([replace(t, resource=where[i]) for i, t in enumerate(bundle.tasks)])
     transports: dict[str, Transport] = {}
+    for res in bundle.resources:  # all of them: a failover may send work where none went yet
+        record.resources[res.name] = {"resource": resource_to_dict(res), "pool": None}
     try:
         for rp in plan.resources:
             res = rp.resource

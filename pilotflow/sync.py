@@ -49,7 +49,13 @@ class Session:
     def __init__(self, record: RunRecord):
         self.record = record
         self._t: dict[str, Transport] = {}
+        self.errors: dict[str, Exception] = {}  # resource → its last failure in this command
         self.known = record.mirror.states()
+        self.reload_owners()
+
+    def reload_owners(self) -> None:
+        """Which resource each token belongs to now (tokens move on failover)."""
+        self.owner = {t.name: t.resource for t in self.record.tasks()}
 
     def transport(self, resource: str) -> Transport:
         if resource not in self._t:
@@ -75,13 +81,22 @@ def sync_states(s: Session) -> Snapshot:
     cursor = mirror.cursor()
     changed: list[str] = []
     agents: dict[str, dict] = {}
-    for name in record.resources:
+    for name in record.active_resources():
         res = record.resource(name)
         t = s.transport(name)
         since = cursor.get(name)
-        doc = t.helper("changes", *([repr(since)] if since is not None else []), python=res.python,
-                       pool=record.pool(name))
-        changed += mirror.update(doc["states"], s.known)
+        try:
+            doc = t.helper("changes", *([repr(since)] if since is not None else []), python=res.python,
+                           pool=record.pool(name))
+        except ExternalError as e:
+            s.errors[name] = e
+            if len(record.active_resources()) == 1:
+                raise
+            continue  # another resource may still report; failover decides what to do
+        # a pool reports only the tokens that belong to its resource now (a token moved away
+        # leaves a "moved" record behind, which is not its state any more)
+        mine = {n: d for n, d in doc["states"].items() if s.owner.get(n) == name}
+        changed += mirror.update(mine, s.known)
         for k, v in doc["agents"].items():
             agents[k] = dict(v, resource=name)
         cursor[name] = doc["now"]
@@ -105,9 +120,15 @@ def refresh_pilots(s: Session) -> list[str]:
         if res.scheduler == "local":
             from pilotflow.schedulers.local import Local
             sched = Local(python=res.python)
-        t = s.transport(name)
         ids = [p.job_id for p in pilots]
-        states = _ask(t, sched, sched.status_argv(ids), sched.parse_status, ids, name)
+        try:
+            t = s.transport(name)
+            states = _ask(t, sched, sched.status_argv(ids), sched.parse_status, ids, name)
+        except ExternalError as e:
+            s.errors[name] = e
+            if len(record.active_resources()) == 1:
+                raise
+            continue
         missing = [j for j in ids if j not in states]
         argv = sched.fallback_status_argv(missing) if missing else None
         if argv:
@@ -157,7 +178,7 @@ def release_dead(s: Session) -> list[str]:
     """Tokens still locked by pilots that are finished go back to todo, right away."""
     record = s.record
     out = []
-    for name in record.resources:
+    for name in record.active_resources():
         dead = [p.id for p in record.pilots.values() if p.resource == name and p.state in FINISHED]
         if not dead:
             continue

@@ -135,6 +135,9 @@ class LocalTransport(Transport):
                                              names=names, timeout=float(opts["timeout"]) if "timeout" in opts
                                              else None, reason=opts.get("reason", ""), pilots=pilots)
             return {"scrubbed": done}
+        if command == "move":
+            opts = dict(a.split("=", 1) for a in args)
+            return {"moved": launcher.Pool(pool).move_out(json.loads(opts["names"]), opts["to"])}
         if command == "info":
             return launcher._info()
         raise ValueError(command)

@@ -213,3 +213,46 @@ walltime = "2s"
     finally:
         server.stop()
         shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_a_node_crashing_mid_run_loses_nothing(work, slurm_cluster):
+    """One node's slurmd and every process of the job on it are killed, as in a crash."""
+    write_bundle(work, """
+[bundle]
+name = "crash"
+lock_timeout = "8s"
+optimize = "makespan"
+[[resource]]
+name = "c"
+scheduler = "slurm"
+cores_per_node = 4
+max_nodes = 3
+max_walltime = "10m"
+partition = "debug"
+[[task]]
+name = "t{i}"
+command = 'mkdir -p rec; s=$(date +%s%N); sleep 1; echo "$s $(date +%s%N)" > rec/$PILOTFLOW_TOKEN.$PILOTFLOW_ATTEMPT.$$'
+matrix = { i = "1..90" }
+walltime = "2s"
+""")
+    env = slurm_cluster.env
+    run = cli("submit", "jobs.toml", cwd=work, env=env, check=0).stdout.strip()
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        st = status_json(work, run, env=env)
+        if {t["host"] for t in st["tokens"].values() if t["state"] == "done"} >= {"n1", "n2", "n3"}:
+            break
+        time.sleep(0.5)
+    slurm_cluster.stop_node("n2", kill_jobs=True)
+    try:
+        cli("wait", run, cwd=work, env=env, check=0, timeout=600)
+    finally:
+        slurm_cluster.start_node("n2")
+    st = status_json(work, run, env=env)
+    assert st["counts"]["done"] == 90
+    pool = next((work / ".pilotflow").glob("crash-*"))
+    execs = executions(pool / "work" / "rec")
+    assert sorted(execs) == sorted(f"t{i}" for i in range(1, 91))
+    assert_no_overlap(execs)

@@ -1,0 +1,187 @@
+"""One run across several resources: noticing a broken one, and moving its work elsewhere.
+
+A resource is broken when its scheduler cannot be reached for ``UNREACHABLE_S``, when a pilot
+stays queued past the resource's ``max_queue_wait``, or when its pilots ended without taking a
+single token while work was left. Its ``todo`` tokens are then moved, as in the AIMES execution
+manager, to the other resources that can run them: each token is taken out of the old pool
+exclusively (``launcher.Pool.move_out`` claims its next attempt with a ``moved`` record) before
+it is added to the new one, so it is never claimable in two pools at once; inputs are staged
+there and pilots planned for it. ``pilotflow retry --move-to RESOURCE`` does the same by hand.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from pilotflow.bundle import Bundle, task_fits
+from pilotflow.errors import PilotflowError, UsageError
+from pilotflow.launcher import dump
+from pilotflow.schedulers import backend
+from pilotflow.schedulers.base import FINISHED, QUEUED
+from pilotflow.sync import Session
+
+import os
+
+# how long a scheduler or host may stay unreachable before its work moves elsewhere
+UNREACHABLE_S = float(os.environ.get("PILOTFLOW_UNREACHABLE_S", "60"))
+
+
+def broken(s: Session, snap, now: float | None = None) -> dict[str, str]:
+    """Resource name → why it is considered broken (only resources still holding todo work)."""
+    record = s.record
+    now = time.time() if now is None else now
+    agents = record.mirror.agents()
+    todo_by_res: dict[str, int] = {}
+    for name, res in s.owner.items():
+        if snap.states.state(name) == "todo":
+            todo_by_res[res] = todo_by_res.get(res, 0) + 1
+    out = {}
+    for name in record.active_resources():
+        info = record.resources[name]
+        if not todo_by_res.get(name):
+            info.pop("unreachable_since", None)
+            continue
+        if info.get("broken"):
+            out[name] = info["broken"]
+            continue
+        err = s.errors.get(name)
+        if err is not None:
+            since = info.setdefault("unreachable_since", now)
+            if now - since >= UNREACHABLE_S:
+                out[name] = f"its scheduler or host has not answered for {now - since:.0f} s ({str(err).splitlines()[0]})"
+                continue
+        else:
+            info.pop("unreachable_since", None)
+        res = record.resource(name)
+        pilots = [p for p in record.pilots.values() if p.resource == name]
+        if res.max_queue_wait_s:
+            late = [p for p in pilots if p.state == QUEUED and p.submitted and now - p.submitted > res.max_queue_wait_s]
+            if late and not any(p.state == "running" for p in pilots):
+                out[name] = (f"pilot {late[0].id} has been queued for more than {res.max_queue_wait_s} s "
+                             "(max_queue_wait)")
+                continue
+        if pilots and all(p.state in FINISHED for p in pilots):
+            ran = sum(a.get("end", {}).get("ran", 0) for a in agents.values() if a.get("resource") == name)
+            if ran == 0:
+                out[name] = "its pilots ended without running a single task"
+    return out
+
+
+def fail_over(s: Session, name: str, why: str, log) -> int:
+    """Move the broken resource's todo tokens to the others; returns how many moved."""
+    record = s.record
+    record.resources[name]["broken"] = why
+    record.save()
+    log(f"resource {name} looks broken: {why}")
+    _cancel_queued(s, name)
+    try:  # locks of its dead launchers go back to todo, so they can move too
+        res = record.resource(name)
+        s.transport(name).helper("scrub", "stale=1", python=res.python, pool=record.pool(name))
+    except PilotflowError:
+        pass
+    from pilotflow.sync import sync_states
+    snap = sync_states(s)
+    names = [n for n, r in s.owner.items() if r == name and snap.states.state(n) == "todo"]
+    others = [r for r in record.resources if r != name and not record.resources[r].get("broken")]
+    if not names or not others:
+        if names:
+            log(f"no other resource to move {len(names)} token(s) of {name} to; they wait there")
+        return 0
+    split = _split(record, names, others)
+    moved = 0
+    for dst, part in split.items():
+        moved += len(move(s, part, dst, log))
+    left = len(names) - moved
+    if left:
+        log(f"{left} token(s) of {name} fit no other resource; they wait there")
+    return moved
+
+
+def _split(record, names: list[str], others: list[str]) -> dict[str, list[str]]:
+    """Send tokens where the planner would put them (fewest pilots), among resources they fit."""
+    from pilotflow.assign import assign_resources
+    tasks = [replace(t, resource=None) for t in record.tasks() if t.name in set(names)]
+    resources = [record.resource(r) for r in others]
+    fitting = [t for t in tasks if any(task_fits(t, r) for r in resources)]
+    if not fitting:
+        return {}
+    bundle = Bundle(name=record.bundle, tasks=fitting, resources=resources, lock_timeout_s=record.lock_timeout)
+    out, _ = assign_resources(bundle, list(range(len(fitting))))
+    return {r: [fitting[i].name for i in idx] for r, idx in out.items()}
+
+
+def move(s: Session, names: list[str], dst: str, log) -> list[str]:
+    """Take ``names`` out of their pools and run them on ``dst`` (pool, inputs, pilots)."""
+    from pilotflow.submit import plan_remaining, resolve_root, stage, staged_inputs, submit_pilots, token_def
+    from pilotflow.render import pool_path
+    record = s.record
+    dst_res = record.resource(dst)
+    tasks = {t.name: t for t in record.tasks()}
+    fits = [n for n in names if task_fits(replace(tasks[n], resource=None), dst_res)]
+    if not fits:
+        raise UsageError(f"none of these tokens fits resource {dst}")
+    moved: list[str] = []
+    by_src: dict[str, list[str]] = {}
+    for n in fits:
+        by_src.setdefault(tasks[n].resource, []).append(n)
+    for src, part in by_src.items():
+        if src == dst:
+            continue
+        res = record.resource(src)
+        r = s.transport(src).helper("move", "names=" + json.dumps(part), "to=" + dst, python=res.python,
+                                    pool=record.pool(src))
+        moved += r["moved"]
+    if not moved:
+        return []
+    # the new owner first in the run record: from now on only dst's pool speaks for them
+    all_tasks = [replace(t, resource=dst) if t.name in set(moved) else t for t in record.tasks()]
+    record.save_tasks(all_tasks)
+    s.reload_owners()
+    t = s.transport(dst)
+    if not record.pool(dst):
+        base = Path(record.base_dir)
+        record.resources[dst]["pool"] = pool_path(dst_res, resolve_root(dst_res, t, base), record.run)
+        record.save()
+        _create_empty_pool(t, record.pool(dst), record)
+    pool = record.pool(dst)
+    order = {n: i for i, n in enumerate(moved)}
+    defs = [token_def(tt, order[tt.name]) for tt in all_tasks if tt.name in order]
+    t.write_file(f"{pool}/defs/{int(time.time() * 1000):013d}.json", dump(defs))
+    # inputs are found relative to the bundle's directory, as at submit
+    path = Path(record.base_dir) / Path(record.bundle_path or "bundle.toml").name
+    inputs = staged_inputs(Bundle(name=record.bundle, tasks=all_tasks, resources=[record.resource(dst)], path=path))
+    files = [f for i, tt in enumerate(all_tasks) if tt.name in order for f in inputs.get(i, [])]
+    if files:
+        stage(t, Path(record.base_dir), files, pool)
+    plan = plan_remaining(record, set(moved))
+    from pilotflow.commands import LazyTransports
+    submit_pilots(record, plan, LazyTransports(s), log=log)
+    record.save()
+    log(f"moved {len(moved)} token(s) to {dst}")
+    return moved
+
+
+def _create_empty_pool(t, pool: str, record) -> None:
+    from pilotflow.submit import create_pool
+    meta = {"run": record.run, "lock_timeout": record.lock_timeout, "created": record.created}
+    create_pool(t, pool, meta, [])
+
+
+def _cancel_queued(s: Session, name: str) -> None:
+    record = s.record
+    res = record.resource(name)
+    sched = backend(res.scheduler)
+    queued = [p for p in record.pilots.values() if p.resource == name and p.job_id and p.state not in FINISHED]
+    if not queued:
+        return
+    try:
+        s.transport(name).run(sched.cancel_argv([p.job_id for p in queued]))
+    except PilotflowError:
+        pass  # unreachable: the pilots will find their tokens moved and exit
+    for p in queued:
+        if p.state == QUEUED:
+            p.state, p.raw = "cancelled", "cancelled: resource failed over"
+    record.save()
