@@ -1,7 +1,17 @@
 """pilotflow: many tasks, few pilot allocations.
 
-The public Python API lives in :mod:`pilotflow.api`; importing this package stays cheap
-(no scheduler calls, no heavy imports) so that the CLI and the Snakemake shim start fast.
+The Python API (:mod:`pilotflow.api`) is re-exported here lazily: ``import pilotflow`` stays
+cheap (no scheduler calls, no heavy imports) so the CLI and the Snakemake shim start fast.
 """
 
 __version__ = "0.1.0"
+
+# (not "plan", "bundle", "submit": those are module names, which would shadow them)
+_API = {"Bundle", "Event", "Plan", "Resource", "Run", "Task", "from_dict", "load", "plan_for", "start"}
+
+
+def __getattr__(name):
+    if name in _API:
+        from pilotflow import api
+        return getattr(api, name)
+    raise AttributeError(f"module 'pilotflow' has no attribute {name!r}")

@@ -7,7 +7,7 @@ import sys
 import time
 from argparse import Namespace
 
-from pilotflow.errors import RunFailed, UsageError
+from pilotflow.errors import PilotflowError, RunFailed, UsageError
 from pilotflow.schedulers.base import FINISHED
 from pilotflow.runs import find_run, list_runs
 from pilotflow.sync import Session, fetch_logs, fetch_outputs, refresh_pilots, release_dead, sync_states
@@ -66,15 +66,57 @@ def wait(args: Namespace) -> int:
     return _wait(find_run(args.run).run)
 
 
-def _wait(run: str, watch_only: bool = False) -> int:
-    from pilotflow.views import Progress
-    record = find_run(run)
+def _deliver(s: Session, view, callbacks=()) -> None:
+    """Hand the events seen so far to the view, the callbacks and the bundle's on_change hook."""
+    events, s.events = s.events, []
+    if not events:
+        return
+    for cb in callbacks:
+        for e in events:
+            cb(e)
+    view.events(events)
+    hook = s.record.on_change
+    if hook:
+        from pilotflow.events import run_hook
+        err = run_hook(hook, {"run": s.record.run, "events": [e.to_json() for e in events]}, s.record.base_dir)
+        if err:
+            view.note(err)
+
+
+def _wind_down(s: Session, view, callbacks, timeout: float = 15.0) -> None:
+    """With no work left, pilots exit at once: see them end, so their events are complete."""
+    end = time.time() + timeout
+    while time.time() < end and any(p.job_id and p.state not in FINISHED for p in s.record.pilots.values()):
+        time.sleep(0.5)
+        try:
+            refresh_pilots(s)
+        except PilotflowError:
+            break
+    _deliver(s, view, callbacks)
+
+
+def _finished(s: Session, counts: dict, view) -> None:
+    record = s.record
+    if record.on_finish and not record.finished_notified:
+        from pilotflow.events import run_hook
+        err = run_hook(record.on_finish, {"run": record.run, "bundle": record.bundle, "counts": counts,
+                                          "pilots": {p.id: p.state for p in record.pilots.values()}},
+                       record.base_dir)
+        if err:
+            view.note(err)
+        record.finished_notified = True
+        record.save()
+
+
+def _wait(run: str, watch_only: bool = False, callbacks=(), cwd=None, quiet: bool = False) -> int:
+    from pilotflow.views import Progress, QuietProgress
+    record = find_run(run, cwd)
     delay = 0.25
     # token states come from the pools (cheap); schedulers are asked about pilots rarely:
     # every 10 s, backing off to a minute while work progresses, at once when it stalls
     ask_every, asked, progress = 10.0, 0.0, time.time()
     from pilotflow.sync import OutputFetcher
-    with Session(record) as s, Progress(record) as view:
+    with Session(record) as s, (QuietProgress(record) if quiet else Progress(record)) as view:
         fetcher = OutputFetcher(s)
         fetcher.submit(list(s.known))  # outputs of tokens already done before this wait
         while True:
@@ -89,12 +131,15 @@ def _wait(run: str, watch_only: bool = False) -> int:
                 progress = now
                 fetcher.submit(snap.changed)
             counts = snap.counts(record.tokens)
+            _deliver(s, view, callbacks)
             view.update(snap, counts)
             if counts["todo"] == 0 and counts["locked"] == 0:
+                _wind_down(s, view, callbacks)
                 fetcher.finish()
                 for e in fetcher.errors[:5]:
                     view.note(f"could not bring back an output: {e}")
                 view.done(counts)
+                _finished(s, counts, view)
                 if counts["error"]:
                     raise RunFailed(f"run {record.run} finished with {counts['error']} token(s) in error: "
                                     f"see `pilotflow status {record.run}` and `pilotflow logs {record.run} TOKEN`")

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pilotflow.errors import ExternalError
+from pilotflow.events import pilot_events, token_events
 from pilotflow.runs import RunRecord, States
 from pilotflow.schedulers import backend
 from pilotflow.schedulers.base import FINISHED, UNKNOWN
@@ -50,6 +51,7 @@ class Session:
         self.record = record
         self._t: dict[str, Transport] = {}
         self.errors: dict[str, Exception] = {}  # resource → its last failure in this command
+        self.events: list = []  # state-change events seen by this command, for callbacks and hooks
         self.known = record.mirror.states()
         self.reload_owners()
 
@@ -96,7 +98,11 @@ def sync_states(s: Session) -> Snapshot:
         # a pool reports only the tokens that belong to its resource now (a token moved away
         # leaves a "moved" record behind, which is not its state any more)
         mine = {n: d for n, d in doc["states"].items() if s.owner.get(n) == name}
-        changed += mirror.update(mine, s.known)
+        old = {n: s.known[n] for n in mine if n in s.known}
+        new_changes = mirror.update(mine, s.known)
+        for n in new_changes:
+            s.events += token_events(n, old.get(n), mine[n])
+        changed += new_changes
         for k, v in doc["agents"].items():
             agents[k] = dict(v, resource=name)
         cursor[name] = doc["now"]
@@ -144,6 +150,9 @@ def refresh_pilots(s: Session) -> list[str]:
             else:
                 st_name, raw = st.state, st.raw
             if st_name != p.state:
+                started = any(a.get("pilot") == p.id for a in agents.values())
+                s.events += pilot_events(p.id, p.state, st_name, started,
+                                         {"resource": p.resource, "job_id": p.job_id, "raw": raw})
                 p.state, p.raw = st_name, raw
                 if st_name in FINISHED:
                     p.ended = time.time()

@@ -104,7 +104,8 @@ def print_runs(records) -> None:
 
 
 class Progress:
-    """``wait``'s view: a live rich bar on a terminal, one line per change otherwise."""
+    """``wait`` / ``status --watch``: a live view on a terminal (bar, counts, throughput, ETA,
+    one row per pilot), one plain line per change otherwise (logs, CI, pipes)."""
 
     def __init__(self, record):
         import sys as _s
@@ -112,39 +113,75 @@ class Progress:
         self.tty = _s.stderr.isatty()
         self.last = None
         self.started = _t_now()
-        self.first_done = None
+        self.history: list[tuple[float, int]] = []  # (time, finished) for the throughput
         self._live = None
+        self._snap = None
+        self._counts = None
 
     def __enter__(self):
         if self.tty:
-            from rich.progress import BarColumn, Progress as P, TextColumn, TimeElapsedColumn
-            self._live = P(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[counts]}"),
-                           TimeElapsedColumn(), TextColumn("{task.fields[eta]}"), console=console(stderr=True))
+            from rich.live import Live
+            self._live = Live(self._render(), console=console(stderr=True), refresh_per_second=4, transient=False)
             self._live.__enter__()
-            self._task = self._live.add_task(self.record.run, total=self.record.tokens, counts="", eta="")
         return self
 
     def __exit__(self, *exc):
         if self._live is not None:
+            self._live.update(self._render())
             self._live.__exit__(*exc)
 
-    def update(self, snap, counts) -> None:
-        finished = counts["done"] + counts["error"]
+    def rate_eta(self, finished: int) -> tuple[float, float | None]:
         now = _t_now()
-        if finished and self.first_done is None:
-            self.first_done = (now, finished)
-        eta = ""
-        if self.first_done and finished > self.first_done[1] and finished < self.record.tokens:
-            t0, f0 = self.first_done
-            rate = (finished - f0) / max(now - t0, 1e-6)
-            eta = f"ETA {format_duration((self.record.tokens - finished) / rate)}"
-        text = "  ".join(f"{k} {v}" for k, v in counts.items())
+        self.history.append((now, finished))
+        self.history = [h for h in self.history if now - h[0] <= 60] or self.history[-1:]
+        t0, f0 = self.history[0]
+        rate = (finished - f0) / (now - t0) if now > t0 else 0.0
+        left = self.record.tokens - finished
+        return rate, (left / rate if rate > 0 and left > 0 else None)
+
+    def update(self, snap, counts) -> None:
+        self._snap, self._counts = snap, counts
+        finished = counts["done"] + counts["error"]
+        rate, eta = self.rate_eta(finished)
         if self._live is not None:
-            self._live.update(self._task, completed=finished, counts=text, eta=eta)
-        elif text != self.last:
+            self._live.update(self._render(rate, eta))
+            return
+        text = "  ".join(f"{k} {v}" for k, v in counts.items())
+        if text != self.last:
             import sys as _s
-            print(f"{self.record.run}: {text}" + (f"  {eta}" if eta else ""), file=_s.stderr, flush=True)
+            extra = f"  {rate:.1f} tokens/s" if rate else ""
+            extra += f"  ETA {format_duration(eta)}" if eta else ""
+            print(f"{self.record.run}: {text}{extra}", file=_s.stderr, flush=True)
         self.last = text
+
+    def _render(self, rate: float = 0.0, eta: float | None = None):
+        from rich.console import Group
+        from rich.progress_bar import ProgressBar
+        from rich.text import Text
+        counts = self._counts or {"todo": self.record.tokens, "locked": 0, "done": 0, "error": 0}
+        finished = counts["done"] + counts["error"]
+        head = Text.assemble((self.record.run, "bold"), f"  {finished}/{self.record.tokens} finished  ",
+                             f"elapsed {format_duration(_t_now() - self.started)}",
+                             f"  {rate:.1f} tokens/s" if rate else "", f"  ETA {format_duration(eta)}" if eta else "")
+        bar = ProgressBar(total=max(self.record.tokens, 1), completed=finished, width=60)
+        line = Text("  ".join(f"{k} {v}" for k, v in counts.items()))
+        t = Table(box=None, pad_edge=False)
+        for col in ("pilot", "resource", "job", "state", "running", "done", "error"):
+            t.add_column(col)
+        per = _pilot_rows(self.record, self._snap) if self._snap is not None else {}
+        for p in list(self.record.pilots.values())[-12:]:
+            c = per.get(p.id, {})
+            t.add_row(p.id, p.resource, str(p.job_id or "-"), p.state, str(c.get("locked", 0)),
+                      str(c.get("done", 0)), str(c.get("error", 0)))
+        return Group(head, bar, line, t)
+
+    def events(self, events) -> None:
+        """Pilot changes and token errors get a line of their own."""
+        for e in events:
+            if e.kind == "pilot":
+                self.note(f"pilot {e.name}: {e.old} -> {e.new}")
+            elif e.new == "error":
+                self.note(f"token {e.name} failed: {e.info.get('reason', '')}")
 
     def note(self, text: str) -> None:
         import sys as _s
@@ -154,13 +191,24 @@ class Progress:
             print(text, file=_s.stderr, flush=True)
 
     def done(self, counts) -> None:
-        import sys as _s
-        msg = (f"{self.record.run} finished: " + "  ".join(f"{k} {v}" for k, v in counts.items())
-               + f" in {format_duration(_t_now() - self.started)}")
-        if self._live is not None:
-            self._live.console.print(msg)
-        else:
-            print(msg, file=_s.stderr, flush=True)
+        self.note(f"{self.record.run} finished: " + "  ".join(f"{k} {v}" for k, v in counts.items())
+                  + f" in {format_duration(_t_now() - self.started)}")
+
+
+class QuietProgress(Progress):
+    """The same bookkeeping, printing nothing (the Python API's default)."""
+
+    def __enter__(self):
+        return self
+
+    def update(self, snap, counts) -> None:
+        self._snap, self._counts = snap, counts
+
+    def events(self, events) -> None:
+        pass
+
+    def note(self, text: str) -> None:
+        pass
 
 
 def _t_now() -> float:
