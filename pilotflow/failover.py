@@ -148,7 +148,7 @@ def move(s: Session, names: list[str], dst: str, log) -> list[str]:
         _create_empty_pool(t, record.pool(dst), record)
     pool = record.pool(dst)
     order = {n: i for i, n in enumerate(moved)}
-    defs = [token_def(tt, order[tt.name]) for tt in all_tasks if tt.name in order]
+    defs = [token_def(tt, order[tt.name], dst_res) for tt in all_tasks if tt.name in order]
     t.write_file(f"{pool}/defs/{int(time.time() * 1000):013d}.json", dump(defs))
     # inputs are found relative to the bundle's directory, as at submit
     path = Path(record.base_dir) / Path(record.bundle_path or "bundle.toml").name

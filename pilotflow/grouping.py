@@ -29,8 +29,17 @@ class Group:
         return (self.cores, self.walltime, self.memory, self.nodes)
 
 
-def build_groups(tasks: list[Task], indices: list[int]) -> tuple[list[Group], dict[int, int]]:
+def task_nodes(t: Task, cores_per_node: int | None) -> int:
+    """Nodes a task needs: ``nodes``, or enough for ``cores`` ranks when MPI spreads them."""
+    if t.mpi and t.nodes == 1 and cores_per_node and t.cores > cores_per_node:
+        return -(-t.cores // cores_per_node)
+    return t.nodes
+
+
+def build_groups(tasks: list[Task], indices: list[int],
+                 cores_per_node: int | None = None) -> tuple[list[Group], dict[int, int]]:
     """Groups of the tasks ``indices`` (a dependency-closed subset), ranked for scheduling.
+    A task on several nodes takes them whole (its cores are a node's, ``cores_per_node``).
 
     Returns the groups (in rank order, rank = list position) and task index → group id.
     """
@@ -47,11 +56,13 @@ def build_groups(tasks: list[Task], indices: list[int]) -> tuple[list[Group], di
     for i in indices:
         t = tasks[i]
         deps = frozenset(by_name[d] for d in t.after if d in by_name)
-        key = (t.cores, t.walltime_s, t.memory_mb or 0, t.nodes, deps, frozenset(succ[i]))
+        k = task_nodes(t, cores_per_node)
+        cores = cores_per_node if k > 1 and cores_per_node else t.cores
+        key = (cores, t.walltime_s, t.memory_mb or 0, k, deps, frozenset(succ[i]))
         g = key_of.get(key)
         if g is None:
             g = key_of[key] = len(groups)
-            groups.append(Group(t.cores, t.walltime_s, t.memory_mb or 0, t.nodes, ()))
+            groups.append(Group(cores, t.walltime_s, t.memory_mb or 0, k, ()))
         groups[g].members.append(i)
         gid_of[i] = g
     for g in groups:

@@ -367,7 +367,8 @@ def mkdirs(path):
 
 class Token(object):
     __slots__ = ("name", "command", "cores", "walltime", "memory", "env", "deps", "retries", "rank",
-                 "stage", "own", "status", "attempt", "failures", "lost", "unmet", "queued", "scrubs")
+                 "stage", "own", "status", "attempt", "failures", "lost", "unmet", "queued", "scrubs",
+                 "nodes", "mpi", "ranks", "ranks_per_node")
 
     def __init__(self, d, rank):
         self.name = d["name"]
@@ -378,6 +379,10 @@ class Token(object):
         self.env = d.get("env") or []
         self.deps = d.get("after") or []
         self.retries = int(d.get("retries", 0))
+        self.nodes = int(d.get("nodes", 1))  # > 1: whole nodes at once, started by the pilot's leader
+        self.mpi = bool(d.get("mpi", False))
+        self.ranks = int(d.get("ranks", 0))
+        self.ranks_per_node = int(d.get("ranks_per_node", 0))
         self.rank = rank
         self.stage = 0
         self.own = False
@@ -505,7 +510,7 @@ class Agent(object):
 
     def __init__(self, pool, pilot, agent=0, cores=1, memory=0, walltime=None, stage=0,
                  lock_timeout=None, idle_timeout=0.0, poll=0.5, steal_delay=1.0, warn_grace=10.0,
-                 deadline=None):
+                 deadline=None, scheduler="local"):
         self.pool = pool
         self.pilot = pilot
         self.agent = agent
@@ -527,6 +532,12 @@ class Agent(object):
         self.steal_delay = steal_delay
         self.warn_grace = warn_grace
         self.host = node_name()
+        self.scheduler = scheduler
+        self.gang_pilot = False  # the pilot has multi-node tokens: its agents coordinate
+        self.gangs = {"draining": None, "running": []}  # the leader's reservations (agents/PILOT.gangs.json)
+        self.gangs_mtime = None
+        self.gang_pids = {}  # leader: pid → reservation of a running gang
+        self.busy_written = None
         self.tokens = {}
         self.ready_own = []
         self.ready_other = []
@@ -583,6 +594,7 @@ class Agent(object):
                 self.set_status(t, TODO)
         for t in new:
             self.link(t)
+        self.gang_pilot = self.gang_pilot or any(t.own and t.nodes > 1 for t in new)
         return len(new)
 
     def absorb(self, t, doc):
@@ -626,6 +638,7 @@ class Agent(object):
         self.reaper, self.reaper_pid = start_reaper(self.pool.root, self.pilot, self.agent)
         self.record()
         self.load()
+        self.write_busy(force=True)
         os.chdir(self.pool.workdir())
         last_beat = last_poll = last_stale = time.time()
         idle_since = time.time()
@@ -636,6 +649,8 @@ class Agent(object):
             # start the next tasks before writing the states of the ended ones: the state
             # writes then overlap with running tasks instead of leaving cores idle
             writable = self.flush_unwritten() and time.time() >= self.blocked_until
+            if self.gang_pilot and self.agent == 0 and writable and not self.stopping:
+                self.lead()
             started = 0 if self.stopping or not writable else self.fill()
             for t, start, code in ended:
                 if code in (128 + signal.SIGTERM, 128 + signal.SIGKILL):
@@ -659,7 +674,7 @@ class Agent(object):
             if started or self.running:
                 idle_since = now
                 sleep = self.poll
-            if self.running or self.suspects:
+            if self.running or self.suspects or (self.gang_pilot and self.gang_busy()):
                 if self.free > 0 and now - last_poll >= max(self.poll, 1.0) and not self.stopping:
                     self.refresh()  # free cores: look for work others made claimable
                     last_poll = now
@@ -685,6 +700,12 @@ class Agent(object):
         """Claim and start tasks while something fits; returns how many started."""
         n = 0
         room = None if self.handback is None else self.handback - time.time()
+        if self.gang_pilot:
+            mine = self.my_reservation()
+            if mine == "running":
+                return 0  # our node runs a gang
+            if mine is not None:  # reserved for a gang: only what ends before it starts
+                room = mine - time.time() if room is None else min(room, mine - time.time())
         while self.free > 0:
             t = self.pick(self.ready_own, room, False)
             if t is None and not self.own_open:
@@ -744,6 +765,8 @@ class Agent(object):
             if t.status != TODO:
                 drop.append(i)
                 continue
+            if t.nodes > 1:
+                continue  # whole-node gangs are started by the pilot's leader only
             if (t.cores <= self.free and (not self.memory or t.memory <= self.mem_free)
                     and (room is None or t.walltime <= room)
                     and (not stealing or (t.stage <= self.stage
@@ -765,8 +788,12 @@ class Agent(object):
         for k, v in t.env:
             env[k] = v
         self.set_status(t, LOCKED)
+        argv = None
+        if t.mpi:  # ranks on this node, through the scheduler's launcher
+            n = t.ranks or t.cores
+            argv = mpi_argv(self.scheduler, t, [(self.host, n)], log + ".hosts", max(1, t.cores // n))
         try:
-            pid = spawn(t.command, env, log + ".out", log + ".err")
+            pid = spawn(t.command, env, log + ".out", log + ".err", argv)
         except OSError as e:
             if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS):
                 self.disk_trouble(e)  # cannot create its log files: not the task's fault
@@ -782,6 +809,7 @@ class Agent(object):
         self.mem_free -= t.memory
         self.ran += 1
         self.tell_reaper("+ %d %s %d\n" % (pid, t.name, t.attempt))
+        self.write_busy()
 
     def settle_suspects(self, final=False):
         """Tasks killed by SIGTERM/SIGKILL: handed back if we are stopping too (the job is
@@ -817,11 +845,17 @@ class Agent(object):
             if item is None:
                 continue
             t, start = item
-            self.free += t.cores
-            self.mem_free += t.memory
+            gang = self.gang_pids.pop(pid, None)
+            if gang is not None:
+                self.end_gang(gang)
+            else:
+                self.free += t.cores
+                self.mem_free += t.memory
             self.tell_reaper("- %d\n" % pid)
             code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status)
             ended.append((t, start, code))
+        if ended:
+            self.write_busy()
         return ended
 
     def finish(self, t, start, code, reason):
@@ -940,8 +974,8 @@ class Agent(object):
         room = None if self.handback is None else self.handback - time.time()
         for name in self.own_open:
             t = self.tokens[name]
-            if t.unmet > 0 and (room is None or t.walltime <= room):
-                return True
+            if (t.unmet > 0 or t.nodes > 1) and (room is None or t.walltime <= room):
+                return True  # waiting for dependencies, or a gang our leader will start
         if not self.own_open:
             for _, name in self.ready_other:
                 t = self.tokens[name]
@@ -957,6 +991,156 @@ class Agent(object):
         late = 2 * max(0.5, min(30.0, self.lock_timeout / 5.0))
         return [k for k, a in agents.items()
                 if k != self.key and "end" not in a and late < now - a["beat"] <= self.lock_timeout]
+
+    # gangs: multi-node tokens ------------------------------------------------------------------
+    # The pilot's leader (agent 0) is the only writer of agents/PILOT.gangs.json. It reserves,
+    # for the best-ranked ready multi-node token, the agents whose nodes free up first; a
+    # reserved agent only backfills tasks that end before the reservation's start and then
+    # says it is idle (agents/PILOT.I.busy); the leader then claims the token and starts it
+    # on those nodes with the scheduler's launcher. One reservation drains at a time, gangs
+    # already running keep their nodes: no deadlock, and small tasks keep the other nodes.
+
+    def gangs_path(self):
+        return self.pool.path("agents", "%s.gangs.json" % self.pilot)
+
+    def read_gangs(self):
+        try:
+            m = os.stat(self.gangs_path()).st_mtime
+        except OSError:
+            return self.gangs
+        if m != self.gangs_mtime:
+            doc = read_json(self.gangs_path())
+            if doc is not None:
+                self.gangs, self.gangs_mtime = doc, m
+                d = doc.get("draining")
+                if d and self.agent in d.get("agents", []):
+                    self.write_busy(force=True)  # acknowledge: the leader waits for it
+        return self.gangs
+
+    def my_reservation(self):
+        """"running" if our node runs a gang, the reserved start time if it is reserved."""
+        g = self.read_gangs()
+        if any(self.agent in r.get("agents", []) for r in g.get("running", [])):
+            return "running"
+        d = g.get("draining")
+        if d and self.agent in d.get("agents", []):
+            return float(d.get("start", 0))
+        return None
+
+    def gang_busy(self):
+        return bool(self.gang_pids) or self.my_reservation() == "running"
+
+    def write_busy(self, force=False):
+        if not self.gang_pilot:
+            return
+        until = max([start + t.walltime for t, start in self.running.values()] or [time.time()])
+        doc = {"idle": not self.running, "until": until, "t": time.time(), "node": self.host}
+        key = (doc["idle"], round(until, 1))
+        if not force and key == self.busy_written:
+            return
+        self.busy_written = key
+        try:
+            write_atomic(self.pool.path("agents", "%s.busy" % self.key), dump(doc))
+        except OSError:
+            pass
+
+    def read_busy(self):
+        out = {}
+        prefix = self.pilot + "."
+        for fn in os.listdir(self.pool.path("agents")):
+            if fn.startswith(prefix) and fn.endswith(".busy"):
+                idx = fn[len(prefix):-5]
+                if idx.isdigit():
+                    doc = read_json(self.pool.path("agents", fn))
+                    if doc:
+                        out[int(idx)] = doc
+        return out
+
+    def lead(self):
+        """The leader's step: start a drained reservation, or make the next one."""
+        g = self.gangs
+        now = time.time()
+        busy = self.read_busy()
+        changed = False
+        d = g.get("draining")
+        if d:
+            t = self.tokens.get(d["token"])
+            if t is None or t.status != TODO:
+                g["draining"], changed = None, True
+            elif all(busy.get(a, {}).get("idle") and busy[a].get("t", 0) >= d["t"] for a in d["agents"]):
+                self.start_gang(t, d, busy)
+                g["draining"], changed = None, True
+        if not g.get("draining"):
+            held = set(a for r in g.get("running", []) for a in r["agents"])
+            free = sorted((a for a in busy if a not in held),
+                          key=lambda a: (busy[a]["until"] if not busy[a]["idle"] else now, a))
+            room = None if self.handback is None else self.handback - now
+            for name in sorted(self.own_open, key=lambda n: self.tokens[n].rank):
+                t = self.tokens[name]
+                if t.nodes <= 1 or t.unmet > 0 or t.status != TODO or t.nodes > len(free):
+                    continue
+                chosen = free[:t.nodes]
+                start = max([now] + [busy[a]["until"] for a in chosen if not busy[a]["idle"]])
+                if room is None or start - now + t.walltime <= room:
+                    g["draining"] = {"token": name, "agents": chosen, "start": start, "t": now}
+                    changed = True
+                break
+        if changed:
+            self.gangs = g
+            try:
+                write_atomic(self.gangs_path(), dump(g))
+                self.gangs_mtime = os.stat(self.gangs_path()).st_mtime
+            except OSError as e:
+                self.disk_trouble(e)
+
+    def start_gang(self, t, d, busy):
+        now = time.time()
+        t.attempt += 1
+        lock = self.doc(t, LOCKED, start=now, end=None, exit_code=None, reason="", pid=os.getpid(),
+                        nodes=[busy[a]["node"] for a in d["agents"]])
+        if not self.pool.claim(t.name, t.attempt, dump(lock)):
+            t.attempt -= 1
+            self.set_status(t, "other")
+            return
+        log = self.pool.path("logs", "%s.%d" % (t.name, t.attempt))
+        names = [busy[a]["node"] for a in d["agents"]]
+        per_node = t.ranks_per_node or max(1, (t.ranks or len(names)) // len(names))
+        env = dict(self.base_env, PILOTFLOW_TOKEN=t.name, PILOTFLOW_CORES=str(t.cores * len(names)),
+                   PILOTFLOW_ATTEMPT=str(t.attempt), PILOTFLOW_NODELIST=",".join(names),
+                   PILOTFLOW_HOSTFILE=log + ".hosts")
+        for k, v in t.env:
+            env[k] = v
+        argv = None
+        if t.mpi:
+            argv = mpi_argv(self.scheduler, t, [(n, per_node) for n in names], log + ".hosts",
+                            max(1, self.cores // per_node))
+        else:
+            with open(log + ".hosts", "w") as f:
+                f.write("".join("%s slots=%d\n" % (n, self.cores) for n in names))
+        self.set_status(t, LOCKED)
+        try:
+            pid = spawn(t.command, env, log + ".out", log + ".err", argv)
+        except OSError as e:
+            self.finish(t, now, 127, "could not start the gang: %s" % e)
+            return
+        self.running[pid] = (t, now)
+        self.gang_pids[pid] = dict(d, attempt=t.attempt)
+        if self.agent in d["agents"]:
+            self.free = 0  # our own node is part of it
+        self.gangs.setdefault("running", []).append(dict(d, attempt=t.attempt, started=now))
+        self.ran += 1
+        self.tell_reaper("+ %d %s %d\n" % (pid, t.name, t.attempt))
+
+    def end_gang(self, d):
+        self.gangs["running"] = [r for r in self.gangs.get("running", [])
+                                 if not (r["token"] == d["token"] and r.get("attempt") == d.get("attempt"))]
+        if self.agent in d["agents"]:
+            self.free = self.cores
+        try:
+            write_atomic(self.gangs_path(), dump(self.gangs))
+            self.gangs_mtime = os.stat(self.gangs_path()).st_mtime
+        except OSError as e:
+            self.disk_trouble(e)
 
     # signals, heartbeat, shutdown --------------------------------------------------------------
     def install_signals(self):
@@ -997,7 +1181,8 @@ class Agent(object):
 
     def record(self):
         write_atomic(self.pool.path("agents", self.key + ".json"),
-                     dump({"pilot": self.pilot, "agent": self.agent, "host": self.host, "pid": os.getpid(),
+                     dump({"pilot": self.pilot, "agent": self.agent, "host": self.host, "node": self.host,
+                           "pid": os.getpid(),
                            "start": self.started, "cores": self.cores, "version": VERSION,
                            "reaper": getattr(self, "reaper_pid", None),
                            "deadline": self.deadline}))
@@ -1085,20 +1270,47 @@ def _nonblock(fd):
 _POSIX_SPAWN = getattr(os, "posix_spawn", None)
 
 
-def spawn(command, env, out_path, err_path):
-    """Start ``/bin/sh -c command`` in its own process group, output to the two files."""
-    argv = ["/bin/sh", "-c", command]
+def spawn(command, env, out_path, err_path, argv=None):
+    """Start ``/bin/sh -c command`` (or ``argv``) in its own process group, output to the two
+    files."""
+    argv = argv or ["/bin/sh", "-c", command]
     if _POSIX_SPAWN is not None:
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
         actions = [(os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),  # novm
                    (os.POSIX_SPAWN_OPEN, 1, out_path, flags, 0o644),  # novm
                    (os.POSIX_SPAWN_OPEN, 2, err_path, flags, 0o644)]  # novm
-        return _POSIX_SPAWN("/bin/sh", argv, env, file_actions=actions, setpgroup=0)
+        return _POSIX_SPAWN(_which(argv[0], env), argv, env, file_actions=actions, setpgroup=0)
     import subprocess
     with open(out_path, "wb") as out, open(err_path, "wb") as err, open(os.devnull, "rb") as nul:
         p = subprocess.Popen(argv, stdin=nul, stdout=out, stderr=err, env=env, start_new_session=True)
     p._child_created = False  # we reap it ourselves with waitpid
     return p.pid
+
+
+def _which(prog, env):
+    if "/" in prog:
+        return prog
+    for d in env.get("PATH", "/usr/bin:/bin").split(":"):
+        path = os.path.join(d or ".", prog)
+        if os.access(path, os.X_OK) and not os.path.isdir(path):
+            return path
+    raise OSError(errno.ENOENT, "%s: command not found" % prog)
+
+
+def mpi_argv(scheduler, t, hosts, hostfile, per_rank=1):
+    """How ranks start inside the allocation: the scheduler's own launcher (srun on Slurm,
+    mpiexec with the hosts of the allocation on PBS and Grid Engine, mpiexec on one node
+    locally). ``hosts`` are (node name, ranks there) pairs."""
+    ranks = sum(n for _, n in hosts)
+    shell = ["/bin/sh", "-c", t.command]
+    if scheduler == "slurm":
+        return (["srun", "--overlap", "--nodes=%d" % len(hosts), "--nodelist=" + ",".join(h for h, _ in hosts),
+                 "--ntasks=%d" % ranks, "--cpus-per-task=%d" % per_rank, "--kill-on-bad-exit=1", "--mpi=pmix"]
+                + shell)
+    with open(hostfile, "w") as f:
+        for h, n in hosts:
+            f.write("%s slots=%d\n" % (h, n))
+    return ["mpiexec", "--hostfile", hostfile, "-n", str(ranks)] + shell
 
 
 # --- command line ------------------------------------------------------------------------------
@@ -1129,6 +1341,7 @@ def main(argv=None):
     r.add_argument("--memory", type=int, default=0, help="memory (MB) to use; 0 = not limited")
     r.add_argument("--walltime", type=float, default=0, help="seconds this pilot may run; 0 = no limit")
     r.add_argument("--deadline", type=float, default=None, help="epoch seconds when the scheduler ends the pilot")
+    r.add_argument("--scheduler", default="local", help="how MPI ranks start: slurm (srun), pbs/sge/local (mpiexec)")
     r.add_argument("--idle-timeout", type=float, default=0.0)
     r.add_argument("--poll", type=float, default=0.5)
     r.add_argument("--steal-delay", type=float, default=1.0)
@@ -1161,7 +1374,7 @@ def main(argv=None):
         cores = a.cores or _node_cores()
         ag = Agent(pool, a.pilot, agent=agent, cores=cores, memory=a.memory, walltime=a.walltime or None,
                    idle_timeout=a.idle_timeout, poll=a.poll, steal_delay=a.steal_delay, warn_grace=a.warn_grace,
-                   deadline=a.deadline)
+                   deadline=a.deadline, scheduler=a.scheduler)
         return ag.run()
     if a.cmd == "changes":
         sys.stdout.write(json.dumps(_changes(Pool(a.pool), a.since)))

@@ -26,6 +26,7 @@ class Shape:
     cores: int  # effective cores (memory-bound tasks count as the cores their memory takes)
     walltime: int
     count: int
+    nodes: int = 1  # > 1: each task takes that many whole nodes at once (cores = a node's)
 
 
 @dataclass
@@ -64,9 +65,9 @@ def volume_bound(shapes: list[Shape], cores_per_node: int, max_nodes: int, max_w
     cores of such tasks bound the pilots as well as the total volume does.
     """
     cap = cores_per_node * max_nodes
-    volume = sum(s.cores * s.walltime * s.count for s in shapes)
+    volume = sum(s.cores * s.nodes * s.walltime * s.count for s in shapes)
     bound = math.ceil(volume / (cap * max_walltime)) if volume else 0
-    long_cores = sum(s.cores * s.count for s in shapes if 2 * s.walltime > max_walltime)
+    long_cores = sum(s.cores * s.nodes * s.count for s in shapes if 2 * s.walltime > max_walltime)
     return max(bound, math.ceil(long_cores / cap))
 
 
@@ -80,8 +81,8 @@ def split(shapes: list[Shape], cores_per_node: int, max_nodes: int, max_walltime
     import pulp
     W, N, C = max_walltime, max_nodes, cores_per_node
     widths = sorted({s.cores for s in shapes})
-    total = sum(s.cores * s.walltime * s.count for s in shapes) or 1
-    ub = max(1, sum(math.ceil(s.count / max(1, (C // s.cores) * N * (W // s.walltime))) for s in shapes))
+    total = sum(s.cores * s.nodes * s.walltime * s.count for s in shapes) or 1
+    ub = max(1, sum(math.ceil(s.count * s.nodes / max(1, (C // s.cores) * N * (W // s.walltime))) for s in shapes))
     prob = pulp.LpProblem("pilots", pulp.LpMinimize)
     z = pulp.LpVariable("full", 0, ub, cat="Integer")
     y = 1  # the remainder pilot always exists; it is shrunk (or dropped if empty) afterwards
@@ -89,19 +90,20 @@ def split(shapes: list[Shape], cores_per_node: int, max_nodes: int, max_walltime
     xr = [pulp.LpVariable(f"xr{i}", 0, s.count, cat="Integer") for i, s in enumerate(shapes)]
     lf = {c: pulp.LpVariable(f"lf{c}", 0, None, cat="Integer") for c in widths}
     lr = {c: pulp.LpVariable(f"lr{c}", 0, None, cat="Integer") for c in widths}
-    prob += (z + y) + 0.5 * pulp.lpSum((s.cores * s.walltime / total) * xr[i] for i, s in enumerate(shapes))
+    prob += (z + y) + 0.5 * pulp.lpSum((s.cores * s.nodes * s.walltime / total) * xr[i] for i, s in enumerate(shapes))
     for i, s in enumerate(shapes):
+        # a task on k nodes takes k whole-node lanes at once
         prob += xf[i] + xr[i] == s.count
-        prob += xf[i] <= (W // s.walltime) * lf[s.cores]
-        prob += xr[i] <= (W // s.walltime) * lr[s.cores]
+        prob += s.nodes * xf[i] <= (W // s.walltime) * lf[s.cores]
+        prob += s.nodes * xr[i] <= (W // s.walltime) * lr[s.cores]
     for lanes, n in ((lf, z), (lr, y)):
         prob += pulp.lpSum(c * lanes[c] for c in widths) <= C * N * n
         for c in widths:
             prob += lanes[c] <= (C // c) * N * n
     for c in widths:
         members = [i for i, s in enumerate(shapes) if s.cores == c]
-        prob += pulp.lpSum(shapes[i].walltime * xf[i] for i in members) <= W * lf[c]
-        prob += pulp.lpSum(shapes[i].walltime * xr[i] for i in members) <= W * lr[c]
+        prob += pulp.lpSum(shapes[i].nodes * shapes[i].walltime * xf[i] for i in members) <= W * lf[c]
+        prob += pulp.lpSum(shapes[i].nodes * shapes[i].walltime * xr[i] for i in members) <= W * lr[c]
     if max_pilots is not None:
         prob += z + y <= max_pilots
     status = prob.solve(_solver())

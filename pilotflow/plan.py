@@ -141,7 +141,7 @@ def _plan_resource(bundle: Bundle, res: Resource, indices: list[int], margin: fl
     next stage, where those dependencies are done from the start.
     """
     tasks = bundle.tasks
-    groups_all, gid_all = build_groups(tasks, indices)
+    groups_all, gid_all = build_groups(tasks, indices, res.cores_per_node)
     wmax = res.max_walltime_s
     critical = max((g.bottom for g in groups_all), default=0)
     pilots: list[PilotPlan] = []
@@ -154,7 +154,7 @@ def _plan_resource(bundle: Bundle, res: Resource, indices: list[int], margin: fl
         part = remaining if wmax is None or critical <= wmax and stage == 0 else \
             _stages(tasks, remaining, wmax)[0]
         whole = stage == 0 and len(part) == len(indices)
-        groups, gid_of = (groups_all, gid_all) if whole else build_groups(tasks, part)
+        groups, gid_of = (groups_all, gid_all) if whole else build_groups(tasks, part, res.cores_per_node)
         stage_pilots, stage_lb, used, overflow = _plan_stage(bundle, res, groups, margin, overhead)
         used_solver = used_solver or used
         if whole:
@@ -252,10 +252,17 @@ def _plan_stage(bundle: Bundle, res: Resource, groups: list[Group], margin: floa
     pilots = []
     per_pilot = members(groups, counts + [overflow])
     for mine, s in zip(per_pilot, sizes):
-        busy = sum(tasks[i].cores * tasks[i].walltime_s for i in mine)
+        busy = sum(_cores_used(tasks[i], res) * tasks[i].walltime_s for i in mine)
         pilots.append(PilotPlan(id="", resource=res.name, nodes=s.nodes, cores_per_node=res.cores_per_node,
                                 walltime_s=s.walltime, makespan_s=s.span, tasks=mine, busy_core_s=busy))
     return pilots, lb, used_solver, per_pilot[-1]
+
+
+def _cores_used(t: Task, res: Resource) -> int:
+    """Cores a task holds: whole nodes for a multi-node task, else its cores."""
+    from pilotflow.grouping import task_nodes
+    k = task_nodes(t, res.cores_per_node)
+    return k * res.cores_per_node if k > 1 else t.cores
 
 
 def effective_cores(cores: int, memory: int, res: Resource) -> int:
@@ -270,12 +277,14 @@ def _shapes(groups: list[Group], res: Resource) -> tuple[list[Shape], list[list[
     shapes: list[Shape] = []
     members_of: list[list[int]] = []
     for gi, g in enumerate(groups):
-        key = (min(res.cores_per_node, effective_cores(g.cores, g.memory, res)), g.walltime)
+        cores = res.cores_per_node if g.nodes > 1 else min(res.cores_per_node,
+                                                             effective_cores(g.cores, g.memory, res))
+        key = (cores, g.walltime, g.nodes)
         if key not in index:
             index[key] = len(shapes)
-            shapes.append(Shape(key[0], key[1], 0))
+            shapes.append(Shape(key[0], key[1], 0, key[2]))
             members_of.append([])
         si = index[key]
-        shapes[si] = Shape(key[0], key[1], shapes[si].count + len(g.members))
+        shapes[si] = Shape(key[0], key[1], shapes[si].count + len(g.members), key[2])
         members_of[si].append(gi)
     return shapes, members_of

@@ -36,6 +36,7 @@ class SimGroup:
     rank: int = 0  # position in the global priority order (smaller first)
     count: dict[int, int] = field(default_factory=dict)
     stage: int = 0  # pilots steal only tokens of their own stage or earlier ones
+    nodes: int = 1  # > 1: a gang of whole nodes (never stolen; started through a reservation)
 
 
 @dataclass
@@ -63,10 +64,12 @@ class SimResult:
 
 
 class _Node:
-    __slots__ = ("pilot", "free", "mem", "hungry")
+    __slots__ = ("pilot", "free", "mem", "hungry", "ends", "cores")
 
     def __init__(self, pilot: int, cores: int, mem: float):
         self.pilot, self.free, self.mem, self.hungry = pilot, cores, mem, True
+        self.cores = cores
+        self.ends: list[float] = []  # end times of what runs here (for reservations)
 
 
 def simulate(groups: list[SimGroup], pilots: list[SimPilot], *, steal: bool = True) -> SimResult:
@@ -116,11 +119,21 @@ def simulate(groups: list[SimGroup], pilots: list[SimPilot], *, steal: bool = Tr
     busy = [0.0] * n_p
     ran: list[dict[int, int]] = [{} for _ in range(n_p)]
 
+    # per pilot: its gangs (the launcher's leader keeps the same): running ones hold their
+    # nodes; at most one draining reservation waits for its nodes to become free
+    resv: list[list[dict]] = [[] for _ in range(n_p)]
+    gang = [any(g.nodes > 1 and g.count.get(p) for g in groups) for p in range(n_p)]
+
     def take(node_i: int, now: float, stealing: bool) -> None:
         nonlocal seq
         node = nodes[node_i]
         p = node.pilot
         room = limit[p] - now
+        for r in resv[p]:
+            if node_i in r["nodes"]:
+                if r["running"]:
+                    return
+                room = min(room, r["start"] - now)  # backfill only what ends before the gang starts
         while node.free > 0:
             if stealing:
                 if own_unclaimed[p]:
@@ -144,6 +157,7 @@ def simulate(groups: list[SimGroup], pilots: list[SimPilot], *, steal: bool = Tr
                     _drop(ready_all, (g.rank, gi))
             node.free -= k * g.cores
             node.mem -= k * g.memory
+            node.ends.append(now + g.walltime)
             seq += 1
             heapq.heappush(events, (now + g.walltime, seq, node_i, gi, k))
             busy[p] += k * g.cores * g.walltime
@@ -156,10 +170,58 @@ def simulate(groups: list[SimGroup], pilots: list[SimPilot], *, steal: bool = Tr
     for i, node in enumerate(nodes):
         pilot_nodes[node.pilot].append(i)
 
+    def gangs(now: float) -> None:
+        """Each pilot's leader reserves the nodes that free up first for its best-ranked ready
+        gang, and starts it when they are all free (the launcher does the same)."""
+        nonlocal seq
+        for p in range(n_p):
+            if not gang[p] or pilots[p].start > now:
+                continue
+            while True:
+                draining = next((r for r in resv[p] if not r["running"]), None)
+                if draining is None:
+                    held = {i for r in resv[p] for i in r["nodes"]}
+                    free_nodes = [i for i in pilot_nodes[p] if i not in held]
+                    for _, gi in ready_own[p]:
+                        g = groups[gi]
+                        if g.nodes <= 1 or g.nodes > len(free_nodes) or not left[gi].get(p):
+                            continue
+                        order = sorted(free_nodes, key=lambda i: (max(nodes[i].ends, default=now), i))[:g.nodes]
+                        start = max([now] + [max(nodes[i].ends, default=now) for i in order])
+                        if start + g.walltime <= limit[p]:
+                            draining = {"gid": gi, "nodes": order, "start": start, "running": False}
+                            resv[p].append(draining)
+                        break
+                if draining is None:
+                    break
+                if not all(nodes[i].free == nodes[i].cores and not nodes[i].ends for i in draining["nodes"]):
+                    break
+                gi = draining["gid"]
+                g = groups[gi]
+                for i in draining["nodes"]:
+                    nodes[i].free = 0
+                    nodes[i].hungry = False
+                    nodes[i].ends.append(now + g.walltime)
+                left[gi][p] -= 1
+                own_unclaimed[p] -= 1
+                if own_unclaimed[p] == 0 and p not in exhausted_set:
+                    just_exhausted.add(p)
+                if left[gi][p] == 0:
+                    _drop(ready_own[p], (g.rank, gi))
+                    if not any(left[gi].values()):
+                        _drop(ready_all, (g.rank, gi))
+                draining["running"] = True
+                draining["end"] = now + g.walltime
+                seq += 1
+                heapq.heappush(events, (now + g.walltime, seq, -1 - p, gi, 1))
+                busy[p] += g.cores * g.nodes * g.walltime
+                ran[p][gi] = ran[p].get(gi, 0) + 1
+
     def fill(candidates, now: float, released: bool) -> None:
         # At one instant, owners first claim their own work, then idle pilots steal. A node
         # that could not steal before can only succeed now if it freed cores, if work was
         # released, or if its pilot just ran out of its own work.
+        gangs(now)
         for i in candidates:
             take(i, now, False)
         for p in range(n_p):
@@ -207,16 +269,27 @@ def simulate(groups: list[SimGroup], pilots: list[SimPilot], *, steal: bool = Tr
         released = False
         while events and events[0][0] == now:
             _, _, ni, gi, k = heapq.heappop(events)
-            node = nodes[ni]
             g = groups[gi]
-            node.free += k * g.cores
-            node.mem += k * g.memory
-            node.hungry = True
-            p = node.pilot
+            if ni < 0:  # a gang ended: its nodes are free again
+                p = -1 - ni
+                r = next(r for r in resv[p] if r["running"] and r["gid"] == gi and r["end"] == now)
+                resv[p].remove(r)
+                for i in r["nodes"]:
+                    nodes[i].free = nodes[i].cores
+                    nodes[i].ends.remove(now)
+                    nodes[i].hungry = True
+                    freed.add(i)
+            else:
+                node = nodes[ni]
+                node.free += k * g.cores
+                node.mem += k * g.memory
+                node.ends.remove(now)
+                node.hungry = True
+                p = node.pilot
+                freed.add(ni)
             span = now - pilots[p].start
             if span > makespan[p]:
                 makespan[p] = span
-            freed.add(ni)
             total[gi] -= k
             if total[gi] == 0:
                 for d in dependants[gi]:
@@ -244,7 +317,8 @@ def _pick(groups: list[SimGroup], ready: list[tuple[int, int]], node: _Node, roo
     free, mem = node.free, node.mem
     for _, gi in (ready if pilot >= 0 else reversed(ready)):
         g = groups[gi]
-        if g.cores <= free and g.memory <= mem and g.walltime <= room and (pilot >= 0 or g.stage <= stage):
+        if (g.nodes == 1 and g.cores <= free and g.memory <= mem and g.walltime <= room
+                and (pilot >= 0 or g.stage <= stage)):
             if pilot >= 0:
                 return gi, pilot
             # stealing: take from the pilot holding the most unclaimed tasks of the group

@@ -56,7 +56,7 @@ class Stage:
 
     def sim_groups(self, counts: list[Counts]) -> list[SimGroup]:
         return [SimGroup(cores=g.cores, walltime=g.walltime, memory=g.memory, deps=g.deps, rank=g.rank,
-                         count={p: c[gi] for p, c in enumerate(counts) if c.get(gi)})
+                         count={p: c[gi] for p, c in enumerate(counts) if c.get(gi)}, nodes=g.nodes)
                 for gi, g in enumerate(self.groups)]
 
     def alone(self, count: Counts, nodes: int, limit: float | None):
@@ -133,7 +133,7 @@ def _node_options(n_max: int, min_nodes: int) -> list[int]:
 def size(st: Stage, count: Counts) -> Size:
     """The cheapest node count (node-hours, then walltime) whose pilot fits the work."""
     res, cap = st.res, st.cap
-    volume = sum(st.groups[g].cores * st.groups[g].walltime * k for g, k in count.items())
+    volume = sum(st.groups[g].cores * st.groups[g].nodes * st.groups[g].walltime * k for g, k in count.items())
     min_nodes = max((st.groups[g].nodes for g in count), default=1)
     best = None
     for n in _node_options(res.max_nodes, min_nodes):

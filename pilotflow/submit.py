@@ -22,10 +22,24 @@ from pilotflow.schedulers.base import job_name
 from pilotflow.transport import RETRY_DELAYS, LocalTransport, Transport, connect
 
 
-def token_def(t: Task, rank: int) -> dict:
-    return {"name": t.name, "command": t.command, "cores": t.cores, "walltime": t.walltime_s,
-            "memory": t.memory_mb or 0, "env": [list(kv) for kv in t.env], "after": list(t.after),
-            "retries": t.retries, "rank": rank}
+def token_def(t: Task, rank: int, res: Resource | None = None) -> dict:
+    d = {"name": t.name, "command": t.command, "cores": t.cores, "walltime": t.walltime_s,
+         "memory": t.memory_mb or 0, "env": [list(kv) for kv in t.env], "after": list(t.after),
+         "retries": t.retries, "rank": rank}
+    if t.nodes > 1 or t.mpi:
+        from pilotflow.grouping import task_nodes
+        k = task_nodes(t, res.cores_per_node if res else None)
+        d["nodes"] = k
+        d["mpi"] = t.mpi
+        if t.mpi:
+            if t.nodes > 1:  # whole nodes: ranks_per_node ranks on each (default: the task's cores)
+                per_node = t.ranks_per_node or t.cores
+                d.update(ranks_per_node=per_node, ranks=k * per_node)
+            elif k > 1:  # cores beyond one node: one rank per core, nodes filled in turn
+                d.update(ranks_per_node=res.cores_per_node, ranks=t.cores)
+            else:
+                d.update(ranks=t.ranks_per_node or t.cores)
+    return d
 
 
 def new_run(bundle: Bundle, *, cwd: Path | None = None, dry_run: bool = False,
@@ -55,7 +69,7 @@ def new_run(bundle: Bundle, *, cwd: Path | None = None, dry_run: bool = False,
             pool = pool_path(res, resolve_root(res, t, bundle.base_dir), run)
             record.resources[res.name] = {"resource": resource_to_dict(res), "pool": pool}
             record.save()
-            defs = [token_def(bundle.tasks[i], plan.rank[i]) for i in sorted(rp.tasks, key=plan.rank.get)]
+            defs = [token_def(bundle.tasks[i], plan.rank[i], res) for i in sorted(rp.tasks, key=plan.rank.get)]
             create_pool(t, pool, {"run": run, "lock_timeout": bundle.lock_timeout_s, "resource": res.name,
                                   "created": record.created}, defs)
             n = stage(t, bundle.base_dir, [p for i in rp.tasks for p in inputs.get(i, [])], pool)

@@ -207,3 +207,40 @@ def test_every_plan_of_a_random_bundle_is_valid(seed):
     b = bundle(tasks, res)
     plan = make_plan(b, margin=rnd.choice([0, 0.05]))
     check_plan(plan, b)
+
+
+# --- multi-node tasks ---------------------------------------------------------------------
+
+def test_two_node_tasks_pack_two_at_a_time_into_four_node_pilots():
+    tasks = [Task(name=f"m{i}", command="x", nodes=2, mpi=True, walltime_s=6 * 3600) for i in range(10)]
+    plan = make_plan(bundle(tasks, slurm(cores_per_node=16)), margin=0, overhead=0)
+    (r,) = plan.resources
+    assert sorted((p.nodes, p.walltime_s // 3600, len(p.tasks)) for p in r.pilots) == [(4, 6, 2), (4, 24, 8)]
+    assert r.node_hours == 120  # = the work volume: optimal
+
+
+def test_three_node_gangs_leave_a_node_for_single_node_work():
+    tasks = [Task(name=f"g{i}", command="x", nodes=3, walltime_s=3600) for i in range(4)]
+    tasks += [Task(name=f"s{i}", command="x", cores=16, walltime_s=3600) for i in range(4)]
+    plan = make_plan(bundle(tasks, slurm(cores_per_node=16)), margin=0, overhead=0)
+    assert [(p.nodes, p.walltime_s // 3600, len(p.tasks)) for p in plan.pilots] == [(4, 4, 8)]
+    assert plan.pilots[0].node_hours == 16  # 4 × 3 + 4 × 1 node-hours of work
+
+
+def test_mpi_cores_beyond_a_node_take_whole_nodes_and_small_tasks_fill_around():
+    tasks = [Task(name=f"m{i}", command="x", mpi=True, cores=40, walltime_s=3600) for i in range(3)]
+    tasks += [Task(name=f"s{i}", command="x", walltime_s=600) for i in range(96)]
+    plan = make_plan(bundle(tasks, slurm(cores_per_node=16)), margin=0, overhead=0)
+    (p,) = plan.pilots
+    assert p.nodes == 3 and p.node_hours == 10  # 3 gangs × 3 nodes × 1 h + 96 × 10 min / 16 cores
+    assert p.busy_core_s == 3 * 3 * 16 * 3600 + 96 * 600
+
+
+def test_gangs_never_share_a_node_in_the_simulated_schedule():
+    # a pilot of 3 nodes, gangs of 2 and of 3 nodes: the simulation must serialise them
+    from pilotflow.simulate import SimGroup, SimPilot, simulate
+    g = [SimGroup(cores=4, walltime=10, nodes=2, rank=0, count={0: 2}),
+         SimGroup(cores=4, walltime=10, nodes=3, rank=1, count={0: 1}),
+         SimGroup(cores=1, walltime=5, rank=2, count={0: 4})]
+    r = simulate(g, [SimPilot(3, 4)])
+    assert r.complete and r.makespan == [30.0]  # 2-node, 2-node (one at a time: 3 nodes), then the 3-node
