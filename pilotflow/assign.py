@@ -103,7 +103,7 @@ def _solve(resources: list[Resource], tasks: list[Task], fixed: dict[str, list[i
            units: dict[tuple, list[list[int]]]) -> dict[str, list[int]]:
     """Two solves: fewest pilots in total, then (pilots fixed) the shortest fluid makespan."""
     import pulp
-    from pilotflow.packing import _solver
+    from pilotflow.packing import _solver, var
     keys = list(units)
     rnames = [r.name for r in resources]
     fixed_shapes = {r.name: Counter((tasks[i].cores, tasks[i].walltime_s) for i in fixed[r.name])
@@ -111,10 +111,10 @@ def _solve(resources: list[Resource], tasks: list[Task], fixed: dict[str, list[i
 
     def build(phase: int, z_fixed: dict[str, int] | None):
         prob = pulp.LpProblem(f"assign{phase}", pulp.LpMinimize)
-        x = {(u, r): pulp.LpVariable(f"x{u}_{r}", 0, len(units[k]), cat="Integer")
+        x = {(u, r): var(prob, f"x{u}_{r}", 0, len(units[k]), "Integer")
              for u, k in enumerate(keys) for r, name in enumerate(rnames) if name in k[0]}
         z = {}
-        T = pulp.LpVariable("T", 0)
+        T = var(prob, "T", 0)
         for u, k in enumerate(keys):
             prob += pulp.lpSum(x[u, r] for r in range(len(rnames)) if (u, r) in x) == len(units[k])
         for r, res in enumerate(resources):
@@ -128,7 +128,7 @@ def _solve(resources: list[Resource], tasks: list[Task], fixed: dict[str, list[i
             cap, wmax = _capacity_terms(res)
             upper = res.max_pilots or 10_000
             if z_fixed is None:
-                z[r] = pulp.LpVariable(f"z{r}", 0, upper if wmax else 1, cat="Integer")
+                z[r] = var(prob, f"z{r}", 0, upper if wmax else 1, "Integer")
             else:
                 z[r] = z_fixed[res.name]
             volume = pulp.lpSum(c * t * n for (c, t), n in shapes.items())
@@ -138,7 +138,7 @@ def _solve(resources: list[Resource], tasks: list[Task], fixed: dict[str, list[i
                 prob += volume <= T * cap * (1 if z_fixed is None else max(z[r], 1))
                 continue
             widths = sorted({c for c, _ in shapes})
-            lanes = {c: pulp.LpVariable(f"l{r}_{c}", 0, cat="Integer") for c in widths}
+            lanes = {c: var(prob, f"l{r}_{c}", 0, None, "Integer") for c in widths}
             prob += pulp.lpSum(c * lanes[c] for c in widths) <= cap * z[r]
             for c in widths:
                 prob += lanes[c] <= (res.cores_per_node // c) * res.max_nodes * z[r]

@@ -46,6 +46,14 @@ class TooFewPilots(Exception):
         super().__init__(needed)
 
 
+def var(prob, name: str, low=None, up=None, cat: str = "Continuous"):
+    """A model variable: ``prob.add_variable`` where PuLP has it (3.3+; required in 4.0)."""
+    import pulp
+    if hasattr(prob, "add_variable"):
+        return prob.add_variable(name, low, up, cat=cat)
+    return pulp.LpVariable(name, low, up, cat=cat)
+
+
 def solver_name() -> str:
     import pulp
     return "HiGHS" if "HiGHS" in pulp.listSolvers(onlyAvailable=True) else "CBC"
@@ -84,12 +92,12 @@ def split(shapes: list[Shape], cores_per_node: int, max_nodes: int, max_walltime
     total = sum(s.cores * s.nodes * s.walltime * s.count for s in shapes) or 1
     ub = max(1, sum(math.ceil(s.count * s.nodes / max(1, (C // s.cores) * N * (W // s.walltime))) for s in shapes))
     prob = pulp.LpProblem("pilots", pulp.LpMinimize)
-    z = pulp.LpVariable("full", 0, ub, cat="Integer")
+    z = var(prob, "full", 0, ub, "Integer")
     y = 1  # the remainder pilot always exists; it is shrunk (or dropped if empty) afterwards
-    xf = [pulp.LpVariable(f"xf{i}", 0, s.count, cat="Integer") for i, s in enumerate(shapes)]
-    xr = [pulp.LpVariable(f"xr{i}", 0, s.count, cat="Integer") for i, s in enumerate(shapes)]
-    lf = {c: pulp.LpVariable(f"lf{c}", 0, None, cat="Integer") for c in widths}
-    lr = {c: pulp.LpVariable(f"lr{c}", 0, None, cat="Integer") for c in widths}
+    xf = [var(prob, f"xf{i}", 0, s.count, "Integer") for i, s in enumerate(shapes)]
+    xr = [var(prob, f"xr{i}", 0, s.count, "Integer") for i, s in enumerate(shapes)]
+    lf = {c: var(prob, f"lf{c}", 0, None, "Integer") for c in widths}
+    lr = {c: var(prob, f"lr{c}", 0, None, "Integer") for c in widths}
     prob += (z + y) + 0.5 * pulp.lpSum((s.cores * s.nodes * s.walltime / total) * xr[i] for i, s in enumerate(shapes))
     for i, s in enumerate(shapes):
         # a task on k nodes takes k whole-node lanes at once
