@@ -124,6 +124,17 @@ def simulate(groups: list[SimGroup], pilots: list[SimPilot], *, steal: bool = Tr
     resv: list[list[dict]] = [[] for _ in range(n_p)]
     gang = [any(g.nodes > 1 and g.count.get(p) for g in groups) for p in range(n_p)]
 
+    def claimed(gi: int, src: int, k: int) -> None:
+        """k tasks of group gi, planned for pilot src, were claimed."""
+        left[gi][src] -= k
+        own_unclaimed[src] -= k
+        if own_unclaimed[src] == 0 and src not in exhausted_set:
+            just_exhausted.add(src)
+        if left[gi][src] == 0:
+            _drop(ready_own[src], (groups[gi].rank, gi))
+            if not any(left[gi].values()):
+                _drop(ready_all, (groups[gi].rank, gi))
+
     def take(node_i: int, now: float, stealing: bool) -> None:
         nonlocal seq
         node = nodes[node_i]
@@ -147,14 +158,7 @@ def simulate(groups: list[SimGroup], pilots: list[SimPilot], *, steal: bool = Tr
             k = min(left[gi][src], node.free // g.cores)
             if g.memory and node.mem != INF:
                 k = min(k, int(node.mem // g.memory))
-            left[gi][src] -= k
-            own_unclaimed[src] -= k
-            if own_unclaimed[src] == 0 and src not in exhausted_set:
-                just_exhausted.add(src)
-            if left[gi][src] == 0:
-                _drop(ready_own[src], (g.rank, gi))
-                if not any(left[gi].values()):
-                    _drop(ready_all, (g.rank, gi))
+            claimed(gi, src, k)
             node.free -= k * g.cores
             node.mem -= k * g.memory
             node.ends.append(now + g.walltime)
@@ -202,14 +206,7 @@ def simulate(groups: list[SimGroup], pilots: list[SimPilot], *, steal: bool = Tr
                     nodes[i].free = 0
                     nodes[i].hungry = False
                     nodes[i].ends.append(now + g.walltime)
-                left[gi][p] -= 1
-                own_unclaimed[p] -= 1
-                if own_unclaimed[p] == 0 and p not in exhausted_set:
-                    just_exhausted.add(p)
-                if left[gi][p] == 0:
-                    _drop(ready_own[p], (g.rank, gi))
-                    if not any(left[gi].values()):
-                        _drop(ready_all, (g.rank, gi))
+                claimed(gi, p, 1)
                 draining["running"] = True
                 draining["end"] = now + g.walltime
                 seq += 1
