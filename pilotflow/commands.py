@@ -86,7 +86,9 @@ def _deliver(s: Session, view, callbacks=()) -> None:
 def _wind_down(s: Session, view, callbacks, timeout: float = 15.0) -> None:
     """With no work left, pilots exit at once: see them end, so their events are complete."""
     end = time.time() + timeout
-    while time.time() < end and any(p.job_id and p.state not in FINISHED for p in s.record.pilots.values()):
+    def alive(p) -> bool:
+        return bool(p.job_id) and p.state not in FINISHED and not s.record.resources.get(p.resource, {}).get("broken")
+    while time.time() < end and any(alive(p) for p in s.record.pilots.values()):
         time.sleep(0.5)
         try:
             refresh_pilots(s)
@@ -159,7 +161,7 @@ def _wait(run: str, watch_only: bool = False, callbacks=(), cwd=None, quiet: boo
             if ask and len(record.resources) > 1:
                 from pilotflow.failover import broken, fail_over
                 for name, why in broken(s, snap).items():
-                    if not record.resources[name].get("broken") and fail_over(s, name, why, view.note):
+                    if fail_over(s, name, why, view.note):
                         delay, ask_every = 0.5, 10.0
             idle = _idle_resources(s, snap)
             if idle and not ask:

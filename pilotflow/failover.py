@@ -35,17 +35,24 @@ def broken(s: Session, snap, now: float | None = None) -> dict[str, str]:
     now = time.time() if now is None else now
     agents = record.mirror.agents()
     todo_by_res: dict[str, int] = {}
+    left_by_res: dict[str, int] = {}  # todo or locked
     for name, res in s.owner.items():
-        if snap.states.state(name) == "todo":
+        state = snap.states.state(name)
+        if state == "todo":
             todo_by_res[res] = todo_by_res.get(res, 0) + 1
+        if state in ("todo", "locked"):
+            left_by_res[res] = left_by_res.get(res, 0) + 1
     out = {}
     for name in record.active_resources():
         info = record.resources[name]
+        if info.get("broken"):
+            # still listed while it holds work: the locks of its dead pilots go stale later,
+            # and those tokens must move too
+            if left_by_res.get(name):
+                out[name] = info["broken"]
+            continue
         if not todo_by_res.get(name):
             info.pop("unreachable_since", None)
-            continue
-        if info.get("broken"):
-            out[name] = info["broken"]
             continue
         err = s.errors.get(name)
         if err is not None:
@@ -71,12 +78,17 @@ def broken(s: Session, snap, now: float | None = None) -> dict[str, str]:
 
 
 def fail_over(s: Session, name: str, why: str, log) -> int:
-    """Move the broken resource's todo tokens to the others; returns how many moved."""
+    """Move the broken resource's todo tokens to the others; returns how many moved.
+
+    Called again on each scheduler round while the resource still holds work: tokens locked by
+    its dead pilots become todo once their heartbeats are stale, and then move as well."""
     record = s.record
-    record.resources[name]["broken"] = why
-    record.save()
-    log(f"resource {name} looks broken: {why}")
-    _cancel_queued(s, name)
+    again = bool(record.resources[name].get("broken"))
+    if not again:
+        record.resources[name]["broken"] = why
+        record.save()
+        log(f"resource {name} looks broken: {why}")
+        _cancel_queued(s, name)
     try:  # locks of its dead launchers go back to todo, so they can move too
         res = record.resource(name)
         s.transport(name).helper("scrub", "stale=1", python=res.python, pool=record.pool(name))
@@ -87,7 +99,7 @@ def fail_over(s: Session, name: str, why: str, log) -> int:
     names = [n for n, r in s.owner.items() if r == name and snap.states.state(n) == "todo"]
     others = [r for r in record.resources if r != name and not record.resources[r].get("broken")]
     if not names or not others:
-        if names:
+        if names and not again:
             log(f"no other resource to move {len(names)} token(s) of {name} to; they wait there")
         return 0
     split = _split(record, names, others)
@@ -95,7 +107,7 @@ def fail_over(s: Session, name: str, why: str, log) -> int:
     for dst, part in split.items():
         moved += len(move(s, part, dst, log))
     left = len(names) - moved
-    if left:
+    if left and not again:
         log(f"{left} token(s) of {name} fit no other resource; they wait there")
     return moved
 
@@ -143,7 +155,8 @@ def move(s: Session, names: list[str], dst: str, log) -> list[str]:
     t = s.transport(dst)
     if not record.pool(dst):
         base = Path(record.base_dir)
-        record.resources[dst]["pool"] = pool_path(dst_res, resolve_root(dst_res, t, base), record.run)
+        record.resources[dst]["pool"] = pool_path(dst_res, resolve_root(dst_res, t, base), record.run,
+                                                  record.pools_taken())
         record.save()
         _create_empty_pool(t, record.pool(dst), record)
     pool = record.pool(dst)

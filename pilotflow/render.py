@@ -89,8 +89,14 @@ def render_pilot(pilot: PilotPlan, resource: Resource, run: str, pool: str, *,
         heredoc=heredoc, launcher_args=args, version=__version__)
 
 
-def pool_path(resource: Resource, root: str, run: str) -> str:
-    return root.rstrip("/") + "/" + run
+def pool_path(resource: Resource, root: str, run: str, taken: set[tuple] = frozenset()) -> str:
+    """``ROOT/RUN``; a second resource of the run whose root is the same directory on the same
+    machine (two schedulers over one filesystem) gets ``ROOT/RUN-RESOURCE`` instead, because
+    each resource needs a pool of its own for failover to move tokens between them."""
+    path = root.rstrip("/") + "/" + run
+    if (resource.host, path) in taken:
+        path += "-" + resource.name
+    return path
 
 
 def default_root(resource: Resource, bundle_dir: Path) -> str:
@@ -112,9 +118,11 @@ def write_scripts(plan: Plan, directory: Path, run: str | None = None) -> list[P
     except OSError as e:
         raise UsageError(f"cannot create {directory}: {e.strerror}") from None
     out = []
+    taken: set[tuple] = set()
     for rp in plan.resources:
         res = rp.resource
-        pool = pool_path(res, default_root(res, plan.bundle.base_dir), run)
+        pool = pool_path(res, default_root(res, plan.bundle.base_dir), run, taken)
+        taken.add((res.host, pool))
         for p in rp.pilots:
             path = directory / f"{res.name}-{p.id}.{res.scheduler}.sh"
             path.write_text(render_pilot(p, res, run, pool))

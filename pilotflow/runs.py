@@ -84,6 +84,10 @@ class RunRecord:
         """The run's directory on that resource (None: nothing was sent there yet)."""
         return self.resources[name].get("pool")
 
+    def pools_taken(self) -> set[tuple]:
+        """(host, pool path) of every resource that holds a pool: a new pool must differ."""
+        return {(self.resource(n).host, r["pool"]) for n, r in self.resources.items() if r.get("pool")}
+
     def active_resources(self) -> list[str]:
         """Resources that hold a pool of this run."""
         return [n for n, r in self.resources.items() if r.get("pool")]

@@ -66,7 +66,7 @@ def new_run(bundle: Bundle, *, cwd: Path | None = None, dry_run: bool = False,
         for rp in plan.resources:
             res = rp.resource
             t = transports[res.name] = connect(res)
-            pool = pool_path(res, resolve_root(res, t, bundle.base_dir), run)
+            pool = pool_path(res, resolve_root(res, t, bundle.base_dir), run, record.pools_taken())
             record.resources[res.name] = {"resource": resource_to_dict(res), "pool": pool}
             record.save()
             defs = [token_def(bundle.tasks[i], plan.rank[i], res) for i in sorted(rp.tasks, key=plan.rank.get)]

@@ -92,9 +92,10 @@ def sync_states(s: Session) -> Snapshot:
                            pool=record.pool(name))
         except ExternalError as e:
             s.errors[name] = e
-            if len(record.active_resources()) == 1:
+            if len(record.resources) == 1:  # nowhere to fail over to: say so now
                 raise
             continue  # another resource may still report; failover decides what to do
+        s.errors.pop(name, None)
         # a pool reports only the tokens that belong to its resource now (a token moved away
         # leaves a "moved" record behind, which is not its state any more)
         mine = {n: d for n, d in doc["states"].items() if s.owner.get(n) == name}
@@ -118,7 +119,8 @@ def refresh_pilots(s: Session) -> list[str]:
     changed = []
     by_res: dict[str, list] = {}
     for p in record.pilots.values():
-        if p.job_id and p.state not in FINISHED:
+        # a resource found broken is not asked again: its scheduler may take a minute to fail
+        if p.job_id and p.state not in FINISHED and not record.resources.get(p.resource, {}).get("broken"):
             by_res.setdefault(p.resource, []).append(p)
     for name, pilots in by_res.items():
         res = record.resource(name)
@@ -127,14 +129,18 @@ def refresh_pilots(s: Session) -> list[str]:
             from pilotflow.schedulers.local import Local
             sched = Local(python=res.python)
         ids = [p.job_id for p in pilots]
+        asked = time.time()
         try:
             t = s.transport(name)
             states = _ask(t, sched, sched.status_argv(ids), sched.parse_status, ids, name)
         except ExternalError as e:
             s.errors[name] = e
-            if len(record.active_resources()) == 1:
+            # unreachable since the failed call began (a dead controller takes a while to say so)
+            record.resources[name].setdefault("unreachable_since", asked)
+            if len(record.resources) == 1:  # nowhere to fail over to: say so now
                 raise
             continue
+        s.errors.pop(name, None)
         missing = [j for j in ids if j not in states]
         argv = sched.fallback_status_argv(missing) if missing else None
         if argv:

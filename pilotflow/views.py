@@ -37,7 +37,11 @@ def print_plan(plan: Plan) -> None:
         eff = busy / charged if charged else 0
         out.print(f"  {len(r.tasks)} task(s); {len(r.pilots)} pilot(s), lower bound "
                   f"{r.lower_bound_pilots}; {r.node_hours:.2f} node-hours; efficiency {eff:.3f}"
-                  + (f"\n  why here: {r.why}" if r.why and len(plan.resources) > 1 else ""))
+                  + (f"\n  why here: {r.why}" if r.why and len(plan.bundle.resources) > 1 else ""))
+    used = {r.resource.name for r in plan.resources}
+    idle = [res.name for res in b.resources if res.name not in used]
+    if idle and used:
+        out.print(f"not used: {', '.join(idle)} (the tasks need no more pilots elsewhere)")
 
 
 def status_json(record, snap) -> dict:

@@ -61,6 +61,7 @@ def test_plan_explains_the_split(work, slurm_cluster):
     two_resources(work)
     out = cli("plan", "jobs.toml", cwd=work, env=slurm_cluster.env, check=0).stdout
     assert "why here" in out and "placed here for the fewest pilots" in out
+    assert "not used: here" in out
 
 
 def test_a_resource_broken_mid_run_fails_over_and_loses_nothing(work, slurm_cluster):
