@@ -5,7 +5,8 @@
 Each job Snakemake hands us becomes a token (threads → cores, runtime → walltime estimate,
 mem_mb → memory) whose command is Snakemake's own job command, run in the workflow's
 directory — which, as with Snakemake's own cluster executors, must be a filesystem shared by
-this process and the nodes. The pilot logic (late binding, reuse, new pilots only for what
+this process and the nodes (with a resource's ``host``, the same path must exist there). The
+pilot logic (late binding, reuse, new pilots only for what
 running ones cannot finish) is in ``pilotflow.snakemake_pilots``; this module is the glue to
 ``snakemake-interface-executor-plugins`` 9.x. Snakemake imports the plugin package on every
 command (every job's own ``python -m snakemake`` too), so pilotflow's planner and transports
@@ -98,13 +99,14 @@ class Executor(RemoteExecutor):
 
     # submitting -------------------------------------------------------------------------------
     def run_jobs(self, jobs: List[JobExecutorInterface]) -> None:
-        """All jobs Snakemake found ready, as one defs batch and one planning round."""
+        """All jobs Snakemake found ready at once: each becomes a token, bound to a live pilot
+        if one can finish it, else planned with the rest of the burst into new pilots."""
         from pilotflow.errors import PilotflowError
         from pilotflow.snakemake_pilots import token_name, unfit_reason
         accepted = []
         for job in jobs:
             self.run_job_pre(job)
-            task = self._task(job, token_name(job.name, job.jobid, set(self.pilots.rank)))
+            task = self._task(job, token_name(job.name, job.jobid, self.pilots.rank))
             why = unfit_reason(task, self.resources)
             if why:
                 self.report_job_error(SubmittedJobInfo(job), msg=f"pilotflow: no resource can run this job "
@@ -157,14 +159,19 @@ class Executor(RemoteExecutor):
             for j in active_jobs:
                 yield j
             return
-        async with self.status_rate_limiter:
-            self.pilots.poll()
+        from pilotflow.errors import PilotflowError
+        try:
+            async with self.status_rate_limiter:
+                self.pilots.poll()
+        except PilotflowError as e:
+            raise WorkflowError(f"pilotflow: {e}") from None
         for j in active_jobs:
             token = j.aux["token"]
-            doc = self.pilots.state(token)
-            if doc["state"] == "done":
+            state = self.pilots.state_word(token)
+            if state == "done":
                 self.report_job_success(j)
-            elif doc["state"] == "error":
+            elif state == "error":
+                doc = self.pilots.state(token)
                 paths, tail = self.pilots.logs(token)
                 msg = (f"pilotflow token {token} failed: {doc.get('reason') or 'exit code ' + str(doc.get('exit_code'))} "
                        f"(pilot {doc.get('pilot')}, host {doc.get('host')}, attempt {doc.get('attempt')})")

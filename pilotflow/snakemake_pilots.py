@@ -11,10 +11,11 @@ it: one whose remaining walltime holds the token's estimate and whose spare capa
 × remaining walltime, minus the estimated work it already holds) covers it. Its plan file is
 extended first, then the token's definition is published as a new ``defs`` batch; running
 launchers notice the batch (one ``listdir`` per poll), reload the plans and claim the token.
-Only tokens no live pilot can finish are planned by the planner (``make_plan``) into new
-pilots, so new pilots are submitted only when the backlog exceeds what the running ones can
-do in their remaining walltime. Pilots are started with ``--idle-timeout``: an idle pilot
-waits that long for new tokens, then exits.
+Tokens no live pilot can finish wait in a backlog until Snakemake's burst of ready jobs is
+over (a quiet second and a half), then the planner (``make_plan``) places the whole backlog
+on the resources and sizes new pilots for it: new pilots are submitted only when the work
+exceeds what the live ones can do in their remaining walltime. Pilots are started with
+``--idle-timeout``: an idle pilot waits that long for new tokens, then exits.
 
 Tokens whose pilot ended before claiming them (or can no longer fit them) are "orphans": the
 other live pilots steal them, and what they cannot hold is planned into new pilots at the
@@ -30,9 +31,10 @@ import threading
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Container
 
 from pilotflow.bundle import Bundle, Resource, Task
+from pilotflow.errors import ExternalError
 from pilotflow.launcher import dump
 from pilotflow.render import pool_path
 from pilotflow.runs import RunRecord, new_run_id, resource_to_dict, runs_dir, task_to_dict
@@ -41,12 +43,14 @@ from pilotflow.schedulers.base import FINISHED
 from pilotflow.sync import Session, fetch_logs, refresh_pilots, release_dead, sync_states
 from pilotflow.transport import run_checked
 
+FRUITLESS_LIMIT = 3  # pilots in a row that end without running anything while jobs wait: stop
 SCHEDULER_EVERY_S = 10.0  # how often schedulers are asked about pilots (token states come from the pools)
+SETTLE_S, MAX_SETTLE_S = 1.5, 10.0  # the backlog is planned after this quiet time (or this long at most)
 TASKS_SAVE_EVERY_S = 10.0  # tasks.json (for `pilotflow status/logs`) is rewritten at most this often
 TOKEN_NAME_BAD = re.compile(r"[^A-Za-z0-9_.+=-]")
 
 
-def token_name(label: str, jobid: object, taken: set[str]) -> str:
+def token_name(label: str, jobid: object, taken: Container[str]) -> str:
     """A unique token name (a file name) for a job: ``LABEL-JOBID``, ``.N`` added on reuse."""
     base = f"{TOKEN_NAME_BAD.sub('_', label)[:120]}-{TOKEN_NAME_BAD.sub('_', str(jobid))[:64]}"
     name, n = base, 1
@@ -116,6 +120,10 @@ class OpenRun:
         self.batches: dict[str, int] = {}  # resource → number of the next defs batch
         self.agents: dict[str, dict] = {}
         self.asked = 0.0
+        self.backlog: list[Task] = []  # tokens no live pilot could take, not yet planned or published
+        self.backlog_first = self.backlog_last = 0.0  # when the backlog's first and last tokens came
+        self.judged: set[str] = set()  # pilots whose end was looked at
+        self.fruitless = 0  # pilots in a row that ended without running anything while jobs waited
         self.tasks_saved = 0.0
         self.closed = False
 
@@ -125,38 +133,59 @@ class OpenRun:
 
     # adding work ---------------------------------------------------------------------------
     def add(self, tasks: list[Task]) -> None:
-        """Publish new tokens: bound to live pilots that can finish them, the rest planned
-        into new pilots. Tasks must fit a resource (see ``unfit_reason``)."""
+        """Take new tokens: those live pilots can finish are bound to them and published at
+        once; the rest wait in the backlog for the next planning round (see ``poll``). Tasks
+        must fit a resource (see ``unfit_reason``)."""
         if not tasks:
             return
         with self.lock:
-            caps = self._capacities()
-            bound: dict[str, list[Task]] = {}
-            rest: list[Task] = []
+            now = time.time()
             for t in tasks:
                 self.rank[t.name] = len(self.rank)
-                cap = self._best(t, caps.values())
-                if cap is None:
-                    rest.append(t)
-                    continue
-                cap.spare -= t.cores * t.walltime_s
-                bound.setdefault(cap.pilot, []).append(replace(t, resource=cap.resource.name))
-            plan = self._plan(rest, list(self.resources.values())) if rest else None
-            new: dict[str, list[Task]] = {}
-            for pilot, ts in bound.items():
-                new.setdefault(ts[0].resource, []).extend(ts)
-            if plan is not None:
-                for rp in plan.resources:
-                    new.setdefault(rp.resource.name, []).extend(
-                        replace(plan.bundle.tasks[i], resource=rp.resource.name) for i in rp.tasks)
-            # plans of live pilots first, then the definitions: a launcher that sees the new
-            # batch reads the plans again and finds the tokens already bound to it
-            for pilot, ts in bound.items():
-                self._extend_plan(pilot, [t.name for t in ts])
-            for res_name, ts in new.items():
-                self._publish(self.resources[res_name], ts)
-            if plan is not None:
-                self._submit(plan)
+            self.backlog.extend(self._bind(tasks))
+            if self.backlog:
+                self.backlog_first = self.backlog_first or now
+                self.backlog_last = now
+
+    def _bind(self, tasks: list[Task]) -> list[Task]:
+        """Bind what live pilots can finish (plans extended, then one defs batch per pool);
+        returns the tasks left over."""
+        caps = self._capacities()
+        bound: dict[str, list[Task]] = {}
+        rest: list[Task] = []
+        for t in tasks:
+            cap = self._best(t, caps.values())
+            if cap is None:
+                rest.append(t)
+                continue
+            cap.spare -= t.cores * t.walltime_s
+            bound.setdefault(cap.pilot, []).append(replace(t, resource=cap.resource.name))
+        # plans of live pilots first, then the definitions: a launcher that sees the new
+        # batch reads the plans again and finds the tokens already bound to it
+        by_res: dict[str, list[Task]] = {}
+        for pilot, ts in bound.items():
+            self._extend_plan(pilot, [t.name for t in ts])
+            by_res.setdefault(ts[0].resource, []).extend(ts)
+        for res_name, ts in by_res.items():
+            self._publish(self.resources[res_name], ts)
+        return rest
+
+    def _plan_backlog(self, now: float) -> None:
+        """Plan the backlog into new pilots once Snakemake's burst of ready jobs is over (it
+        releases at most 100 jobs a second by default): one plan for the burst packs better
+        than one per second. Live pilots get first pick; the planner places the rest on the
+        resources and the pilots are submitted (as many as the limits allow)."""
+        if not self.backlog or (now - self.backlog_last < SETTLE_S and now - self.backlog_first < MAX_SETTLE_S):
+            return
+        rest = self._bind(self.backlog)
+        self.backlog, self.backlog_first, self.backlog_last = [], 0.0, 0.0
+        if not rest:
+            return
+        plan = self._plan(rest, list(self.resources.values()))
+        for rp in plan.resources:
+            res = self.resources[rp.resource.name]
+            self._publish(res, [replace(plan.bundle.tasks[i], resource=res.name) for i in rp.tasks])
+        self._submit(plan)
 
     def _best(self, t: Task, caps) -> _Capacity | None:
         """The live pilot to bind a token to: running before queued, then the most spare."""
@@ -174,12 +203,10 @@ class OpenRun:
         """Submit a plan's pilots, as many as the pilot limits allow (largest first); the
         tokens of pilots left out stay in the pool for live pilots to steal."""
         from pilotflow.submit import submit_pilots
-        live = [p for p in self.record.pilots.values() if p.state not in FINISHED]
-        room = self.max_pilots - len(live)
+        room = self._room(None)
         for rp in plan.resources:
             res = self.resources[rp.resource.name]
-            mine = sum(1 for p in live if p.resource == res.name)
-            allowed = min(room, res.max_pilots - mine if res.max_pilots is not None else room)
+            allowed = min(room, self._room(res))
             keep = sorted(rp.pilots, key=lambda p: len(p.tasks), reverse=True)[:max(0, allowed)]
             if len(keep) < len(rp.pilots):
                 self.log(f"pilotflow: pilot limit reached on {res.name} (max_pilots); "
@@ -189,13 +216,21 @@ class OpenRun:
         if not any(rp.pilots for rp in plan.resources):
             return
         names = [t.name for t in plan.bundle.tasks]
-        transports = {n: self.session.transport(n) for n in self.record.resources}
+        transports = {rp.resource.name: self.session.transport(rp.resource.name) for rp in plan.resources}
         submit_pilots(self.record, plan, transports, launcher_args=["--idle-timeout", f"{self.idle_timeout_s:g}"],
                       log=self.log)
         for p in plan.pilots:
             self.plans[p.id] = [names[i] for i in p.tasks]
             for i in p.tasks:
                 self.owner[names[i]] = p.id
+
+    def _room(self, res: Resource | None) -> int:
+        """How many more pilots may be submitted, over all resources or on ``res``."""
+        live = [p for p in self.record.pilots.values() if p.state not in FINISHED]
+        if res is None:
+            return self.max_pilots - len(live)
+        mine = sum(1 for p in live if p.resource == res.name)
+        return self.max_pilots if res.max_pilots is None else res.max_pilots - mine
 
     def _extend_plan(self, pilot: str, names: list[str]) -> None:
         rec = self.record.pilots[pilot]
@@ -218,15 +253,17 @@ class OpenRun:
         for t in tasks:
             self.tasks[t.name] = t
             self.open.add(t.name)
+            self.session.owner[t.name] = res.name  # sync takes a pool's states of its own tokens only
         self.record.tokens = len(self.tasks)
 
     def _pool(self, res: Resource) -> str:
         if res.name in self.record.resources:
             return self.record.pool(res.name)
         from pilotflow.submit import create_pool, resolve_root
+        taken = self.record.pools_taken()
         self.record.resources[res.name] = {"resource": resource_to_dict(res), "pool": ""}
         t = self.session.transport(res.name)
-        pool = pool_path(res, resolve_root(res, t, self.workdir), self.run)
+        pool = pool_path(res, resolve_root(res, t, self.workdir), self.run, taken)
         self.record.resources[res.name]["pool"] = pool
         self.record.save()
         # the tasks run in the workflow's directory, which the nodes must share with us
@@ -240,28 +277,37 @@ class OpenRun:
         """One status round: every pool's changed states (one helper call per resource), the
         schedulers now and then, and new pilots for orphaned tokens. Returns changed tokens."""
         with self.lock:
+            now = time.time()
+            self._plan_backlog(now)
             if not self.record.resources:
                 return []
             snap = sync_states(self.session)
             self.agents = snap.agents
             changed = list(snap.changed)
             now = time.time()
-            if now - self.asked >= SCHEDULER_EVERY_S or (now - self.asked >= 2.0 and self._pilot_said_goodbye()):
+            if now - self.asked >= (2.0 if self._pilot_news(now) else SCHEDULER_EVERY_S):
                 self.asked = now
                 refresh_pilots(self.session)
                 if release_dead(self.session):
                     changed += sync_states(self.session).changed
+            self._judge_ended_pilots()
             for n in changed:
-                if self.state(n)["state"] in ("done", "error"):
+                if self.state_word(n) in ("done", "error"):
                     self.open.discard(n)
-            self._adopt_orphans()
+            if not self.backlog:  # the backlog's planning round takes orphans into account
+                self._adopt_orphans()
             if now - self.tasks_saved >= TASKS_SAVE_EVERY_S:
                 self._save_tasks()
             return changed
 
     def state(self, name: str) -> dict:
         """The token's last synced state document (``{"state": "todo"}`` before any)."""
-        return self.session.known.get(name) or {"state": "todo"}
+        known = self.session.known
+        return known[name] if name in known else {"state": "todo"}
+
+    def state_word(self, name: str) -> str:
+        """todo, locked, done or error, without decoding the state document."""
+        return self.session.known.state(name)
 
     def logs(self, name: str) -> tuple[list[str], str]:
         """Paths of the latest attempt's stdout and stderr (copied into the run's mirror) and
@@ -277,9 +323,45 @@ class OpenRun:
             tail = "\n".join((text["err"] or text["out"]).strip().splitlines()[-20:])
             return [f"{base}.out", f"{base}.err"], tail
 
-    def _pilot_said_goodbye(self) -> bool:
-        """A live pilot whose launchers all wrote their end record: ask the scheduler now."""
-        return any(p.state not in FINISHED and self._ended(p.id) for p in self.record.pilots.values())
+    def _judge_ended_pilots(self) -> None:
+        """Pilots that end without running anything while jobs wait for them point at a
+        broken resource (a setup line, the nodes' python, a directory the nodes cannot see):
+        after FRUITLESS_LIMIT in a row, stop with the last one's output instead of submitting
+        pilots forever."""
+        for p in self.record.pilots.values():
+            if p.id in self.judged or not (p.state in FINISHED or self._ended(p.id)):
+                continue
+            self.judged.add(p.id)
+            ran = sum(int((a.get("end") or {}).get("ran", 0)) for a in self.agents.values() if a.get("pilot") == p.id)
+            if ran:
+                self.fruitless = 0
+            elif any(self.state_word(n) == "todo" for n in self.plans.get(p.id, ())):
+                self.fruitless += 1
+                if self.fruitless >= FRUITLESS_LIMIT:
+                    raise ExternalError(f"{self.fruitless} pilots in a row ended on {p.resource} without running a "
+                                        f"job while jobs waited for them; the last, {p.id} ({p.resource} job "
+                                        f"{p.job_id}, {p.raw or p.state}), said:\n{self._pilot_output(p)}")
+
+    def _pilot_output(self, p) -> str:
+        """The tail of a pilot's own output file (where the scheduler put its stdout)."""
+        pool = self.record.pool(p.resource)
+        t = self.session.transport(p.resource)
+        for name in (f"{p.id}.{p.job_id}.out", f"{p.id}.sh.out", f"{p.id}.out"):
+            data = t.read_file(f"{pool}/pilots/{name}")
+            if data is not None:
+                text = "\n".join(data.decode(errors="replace").strip().splitlines()[-15:])
+                return f"{pool}/pilots/{name}:\n{text}" if text else f"{pool}/pilots/{name} is empty"
+        return f"(no output file in {pool}/pilots/)"
+
+    def _pilot_news(self, now: float) -> bool:
+        """Whether the scheduler is worth asking sooner: a live pilot's launchers all said
+        goodbye, or jobs wait, no launcher runs and a pilot was submitted in the last minute
+        (one that fails at once is noticed in seconds; a long queue wait is not polled hard)."""
+        live = [p for p in self.record.pilots.values() if p.state not in FINISHED]
+        if any(self._ended(p.id) for p in live):
+            return True
+        running = any("end" not in a for a in self.agents.values())
+        return bool(self.open) and not running and any(now - (p.submitted or 0) < 60 for p in live)
 
     def _ended(self, pilot: str) -> bool:
         mine = [a for a in self.agents.values() if a.get("pilot") == pilot]
@@ -305,9 +387,9 @@ class OpenRun:
             cores = p.nodes * p.cores_per_node
             caps[p.id] = _Capacity(p.id, res, cores, remaining, bool(mine), cores * max(0.0, remaining))
         for name in self.open:
-            doc = self.state(name)
             t = self.tasks[name]
-            if doc.get("state") == "locked":
+            if self.state_word(name) == "locked":
+                doc = self.state(name)
                 cap = caps.get(doc.get("pilot"))
                 left = t.walltime_s - (now - float(doc.get("start") or now))
             else:
@@ -323,7 +405,7 @@ class OpenRun:
         caps = self._capacities()
         orphans = []
         for name in sorted(self.open, key=self.rank.__getitem__):
-            if self.state(name).get("state") != "todo":
+            if self.state_word(name) != "todo":
                 continue
             cap = caps.get(self.owner.get(name))
             if cap is not None and cap.fits(self.tasks[name]):
@@ -331,14 +413,13 @@ class OpenRun:
             orphans.append(self.tasks[name])
         if not orphans:
             return
-        live = sum(1 for p in self.record.pilots.values() if p.state not in FINISHED)
         by_res: dict[str, list[Task]] = {}
         for t in orphans:
             cap = self._best(t, [c for c in caps.values() if c.resource.name == t.resource])
             if cap is not None:
                 cap.spare -= t.cores * t.walltime_s
                 self.owner.pop(t.name, None)  # a thief will take it
-            elif live < self.max_pilots:
+            elif min(self._room(None), self._room(self.resources[t.resource])) > 0:
                 by_res.setdefault(t.resource, []).append(t)
         for res_name, ts in by_res.items():
             self.log(f"pilotflow: {len(ts)} job(s) on {res_name} have no live pilot that can run them; planning pilots")

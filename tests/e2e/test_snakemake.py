@@ -106,14 +106,15 @@ rule bad:
     output: "bad.txt"
     shell: "echo {marker} >&2; exit 3"
 """)
-    r = snakemake(work, "-j", "4", "--pilotflow-idle-timeout", "5s")
+    r = snakemake(work, "-j", "4", "--pilotflow-idle-timeout", "5s", "--retries", "1")
     assert r.returncode != 0
     assert "Error in rule bad" in r.stderr
     assert "pilotflow token bad-" in r.stderr and "failed: exit code 1" in r.stderr  # its own snakemake exits 1
     assert marker in r.stderr  # the tail of the token's log is in the message
-    err_logs = list((work / ".pilotflow" / "runs").glob("*/logs/bad-*.1.err"))
-    assert len(err_logs) == 1 and marker in err_logs[0].read_text()
-    assert str(err_logs[0]) in r.stderr  # and the log's path
+    # Snakemake's retry is a second token (its own log); both logs' paths were reported
+    err_logs = sorted((work / ".pilotflow" / "runs").glob("*/logs/bad-*.err"))
+    assert len(err_logs) == 2 and all(marker in f.read_text() for f in err_logs)
+    assert all(str(f) in r.stderr for f in err_logs)
     assert (work / "ok.txt").exists() and not (work / "bad.txt").exists()
 
 
@@ -138,6 +139,18 @@ def test_a_job_no_resource_can_hold_fails_with_the_reason(work):
     r = snakemake(work, "-j", "1", "--pilotflow-resources", "res.toml")
     assert r.returncode != 0
     assert "no resource can run this job" in r.stderr and "max_walltime = 3600 s" in r.stderr
+
+
+def test_pilots_that_never_run_a_job_stop_the_workflow_with_their_output(work):
+    # a setup line that fails: every pilot exits before its launcher starts
+    (work / "Snakefile").write_text('rule all:\n    output: "x"\n    shell: "touch {output}"\n')
+    (work / "res.toml").write_text('[[resource]]\nname = "broken"\nscheduler = "local"\n'
+                                   'setup = ["echo cannot load the module >&2; exit 7"]\n')
+    r = snakemake(work, "-j", "1", "--pilotflow-resources", "res.toml", timeout=120)
+    assert r.returncode != 0
+    assert "3 pilots in a row ended on broken without running a job" in r.stderr
+    assert "cannot load the module" in r.stderr  # the last pilot's own output
+    assert r.stderr.count("submitted pilot") == 3  # and no more
 
 
 SLEEPY = """
