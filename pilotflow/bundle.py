@@ -72,6 +72,7 @@ class Resource:
     python: str = "python3"
     walltime_margin: float = 0.05
     max_queue_wait_s: int | None = None
+    mpi_launcher: str = "srun"  # Slurm: srun --mpi=pmix, or Open MPI's mpirun (daemons through srun)
     origin: tuple = ()
 
     @property
@@ -137,7 +138,7 @@ RESOURCE_KEYS = {
     "queue": F.directive_word, "account": F.directive_word, "project": F.directive_word,
     "qos": F.directive_word, "pe": F.directive_word, "directives": F.str_list(F.directive),
     "setup": F.str_list(F.text), "python": F.command_name, "walltime_margin": F.fraction(0, 1),
-    "max_queue_wait": F.positive_duration,
+    "max_queue_wait": F.positive_duration, "mpi_launcher": F.choice("srun", "mpirun"),
 }
 # Scheduler words that mean the same thing (SPEC: "partition/queue, account/project").
 ALIASES = {"queue": "partition", "project": "account"}

@@ -510,7 +510,7 @@ class Agent(object):
 
     def __init__(self, pool, pilot, agent=0, cores=1, memory=0, walltime=None, stage=0,
                  lock_timeout=None, idle_timeout=0.0, poll=0.5, steal_delay=1.0, warn_grace=10.0,
-                 deadline=None, scheduler="local"):
+                 deadline=None, scheduler="local", mpi_launcher="srun"):
         self.pool = pool
         self.pilot = pilot
         self.agent = agent
@@ -533,6 +533,7 @@ class Agent(object):
         self.warn_grace = warn_grace
         self.host = node_name()
         self.scheduler = scheduler
+        self.mpi_launcher = mpi_launcher
         self.gang_pilot = False  # the pilot has multi-node tokens: its agents coordinate
         self.gangs = {"draining": None, "running": []}  # the leader's reservations (agents/PILOT.gangs.json)
         self.gangs_mtime = None
@@ -791,7 +792,8 @@ class Agent(object):
         argv = None
         if t.mpi:  # ranks on this node, through the scheduler's launcher
             n = t.ranks or t.cores
-            argv = mpi_argv(self.scheduler, t, [(self.host, n)], log + ".hosts", max(1, t.cores // n))
+            argv = mpi_argv(self.scheduler, t, [(self.host, n)], log + ".hosts", max(1, t.cores // n),
+                            self.mpi_launcher, env)
         try:
             pid = spawn(t.command, env, log + ".out", log + ".err", argv)
         except OSError as e:
@@ -1067,7 +1069,8 @@ class Agent(object):
             t = self.tokens.get(d["token"])
             if t is None or t.status != TODO:
                 g["draining"], changed = None, True
-            elif all(busy.get(a, {}).get("idle") and busy[a].get("t", 0) >= d["t"] for a in d["agents"]):
+            elif all((not self.running) if a == self.agent else
+                     (busy.get(a, {}).get("idle") and busy[a].get("t", 0) >= d["t"]) for a in d["agents"]):
                 self.start_gang(t, d, busy)
                 g["draining"], changed = None, True
         if not g.get("draining"):
@@ -1113,7 +1116,7 @@ class Agent(object):
         argv = None
         if t.mpi:
             argv = mpi_argv(self.scheduler, t, [(n, per_node) for n in names], log + ".hosts",
-                            max(1, self.cores // per_node))
+                            max(1, self.cores // per_node), self.mpi_launcher, env)
         else:
             with open(log + ".hosts", "w") as f:
                 f.write("".join("%s slots=%d\n" % (n, self.cores) for n in names))
@@ -1297,12 +1300,18 @@ def _which(prog, env):
     raise OSError(errno.ENOENT, "%s: command not found" % prog)
 
 
-def mpi_argv(scheduler, t, hosts, hostfile, per_rank=1):
+def mpi_argv(scheduler, t, hosts, hostfile, per_rank=1, launcher="srun", env=None):
     """How ranks start inside the allocation: the scheduler's own launcher (srun on Slurm,
     mpiexec with the hosts of the allocation on PBS and Grid Engine, mpiexec on one node
     locally). ``hosts`` are (node name, ranks there) pairs."""
     ranks = sum(n for _, n in hosts)
     shell = ["/bin/sh", "-c", t.command]
+    if scheduler == "slurm" and launcher == "mpirun":
+        # Open MPI's mpirun starts its daemons with srun; they share the CPUs our own step holds
+        if env is not None:
+            env["SLURM_OVERLAP"] = "1"
+        return (["mpirun", "-np", str(ranks), "--oversubscribe", "--host", ",".join("%s:%d" % h for h in hosts)]
+                + shell)
     if scheduler == "slurm":
         return (["srun", "--overlap", "--nodes=%d" % len(hosts), "--nodelist=" + ",".join(h for h, _ in hosts),
                  "--ntasks=%d" % ranks, "--cpus-per-task=%d" % per_rank, "--kill-on-bad-exit=1", "--mpi=pmix"]
@@ -1342,6 +1351,7 @@ def main(argv=None):
     r.add_argument("--walltime", type=float, default=0, help="seconds this pilot may run; 0 = no limit")
     r.add_argument("--deadline", type=float, default=None, help="epoch seconds when the scheduler ends the pilot")
     r.add_argument("--scheduler", default="local", help="how MPI ranks start: slurm (srun), pbs/sge/local (mpiexec)")
+    r.add_argument("--mpi-launcher", default="srun", help="on Slurm: srun (--mpi=pmix) or mpirun (Open MPI)")
     r.add_argument("--idle-timeout", type=float, default=0.0)
     r.add_argument("--poll", type=float, default=0.5)
     r.add_argument("--steal-delay", type=float, default=1.0)
@@ -1374,7 +1384,7 @@ def main(argv=None):
         cores = a.cores or _node_cores()
         ag = Agent(pool, a.pilot, agent=agent, cores=cores, memory=a.memory, walltime=a.walltime or None,
                    idle_timeout=a.idle_timeout, poll=a.poll, steal_delay=a.steal_delay, warn_grace=a.warn_grace,
-                   deadline=a.deadline, scheduler=a.scheduler)
+                   deadline=a.deadline, scheduler=a.scheduler, mpi_launcher=a.mpi_launcher)
         return ag.run()
     if a.cmd == "changes":
         sys.stdout.write(json.dumps(_changes(Pool(a.pool), a.since)))
