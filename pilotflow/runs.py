@@ -97,6 +97,21 @@ class RunRecord:
 
     def save_tasks(self, tasks: list[Task]) -> None:
         write_atomic(str(self.directory / "tasks.json"), dump([task_to_dict(t) for t in tasks]))
+        self.save_owners({t.name: t.resource for t in tasks})
+
+    def owners(self) -> dict[str, str]:
+        """Token name → the resource whose pool holds it, in task order. Read from a small
+        file of its own: status and wait of a 100,000-token run need not decode every task."""
+        doc = read_json(str(self.directory / "owners.json"))
+        if doc is None:  # a run made before owners.json existed
+            return {t.name: t.resource for t in self.tasks()}
+        return dict(zip(doc["names"], (doc["resources"][i] for i in doc["index"])))
+
+    def save_owners(self, owner: dict[str, str]) -> None:
+        resources = sorted(set(owner.values()), key=str)
+        pos = {r: i for i, r in enumerate(resources)}
+        write_atomic(str(self.directory / "owners.json"),
+                     dump({"names": list(owner), "resources": resources, "index": [pos[r] for r in owner.values()]}))
 
     def add_pilot(self, rec: PilotRecord) -> None:
         self.pilots[rec.id] = rec

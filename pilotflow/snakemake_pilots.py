@@ -475,3 +475,4 @@ class OpenRun:
         from pilotflow.launcher import write_atomic
         data = json.dumps([task_to_dict(t) for t in self.tasks.values()], separators=(",", ":")).encode()
         write_atomic(str(self.record.directory / "tasks.json"), data)
+        self.record.save_owners({n: t.resource for n, t in self.tasks.items()})

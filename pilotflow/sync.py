@@ -57,7 +57,7 @@ class Session:
 
     def reload_owners(self) -> None:
         """Which resource each token belongs to now (tokens move on failover)."""
-        self.owner = {t.name: t.resource for t in self.record.tasks()}
+        self.owner = self.record.owners()
 
     def transport(self, resource: str) -> Transport:
         if resource not in self._t:

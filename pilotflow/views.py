@@ -48,9 +48,9 @@ def status_json(record, snap) -> dict:
     """The ``status --json`` document of SPEC §3."""
     counts = snap.counts(record.tokens)
     tokens = {}
-    for t in record.tasks():
-        d = snap.states.get(t.name, {})
-        tokens[t.name] = {"state": d.get("state", "todo"), "exit_code": d.get("exit_code"),
+    for name in record.owners():
+        d = snap.states.get(name, {})
+        tokens[name] = {"state": d.get("state", "todo"), "exit_code": d.get("exit_code"),
                           "attempts": int(d.get("attempt", 0)), "pilot": d.get("pilot"), "host": d.get("host"),
                           "start": d.get("start"), "end": d.get("end")}
     return {"run": record.run, "finished": counts["todo"] == 0 and counts["locked"] == 0,
