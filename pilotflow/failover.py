@@ -174,6 +174,14 @@ def move(s: Session, names: list[str], dst: str, log) -> list[str]:
     submit_pilots(record, plan, LazyTransports(s), log=log)
     record.save()
     log(f"moved {len(moved)} token(s) to {dst}")
+    # a source left without work needs no queued pilot any more (running ones exit by themselves)
+    from pilotflow.sync import sync_states
+    snap = sync_states(s)
+    for src in by_src:
+        if src != dst and not any(r == src and snap.states.state(n) in ("todo", "locked") for n, r in s.owner.items()):
+            ids = _cancel_queued(s, src, only_queued=True, why="cancelled: its tokens moved elsewhere")
+            if ids:
+                log(f"cancelled queued pilot(s) {', '.join(ids)} on {src}: no work left there")
     return moved
 
 
@@ -183,18 +191,22 @@ def _create_empty_pool(t, pool: str, record) -> None:
     create_pool(t, pool, meta, [])
 
 
-def _cancel_queued(s: Session, name: str) -> None:
+def _cancel_queued(s: Session, name: str, only_queued: bool = False,
+                   why: str = "cancelled: resource failed over") -> list[str]:
+    """Cancel the resource's unfinished pilots (or only those still queued); their ids."""
     record = s.record
     res = record.resource(name)
     sched = backend(res.scheduler)
-    queued = [p for p in record.pilots.values() if p.resource == name and p.job_id and p.state not in FINISHED]
+    queued = [p for p in record.pilots.values() if p.resource == name and p.job_id and p.state not in FINISHED
+              and (p.state == QUEUED or not only_queued)]
     if not queued:
-        return
+        return []
     try:
         s.transport(name).run(sched.cancel_argv([p.job_id for p in queued]))
     except PilotflowError:
         pass  # unreachable: the pilots will find their tokens moved and exit
     for p in queued:
         if p.state == QUEUED:
-            p.state, p.raw = "cancelled", "cancelled: resource failed over"
+            p.state, p.raw = "cancelled", why
     record.save()
+    return [p.id for p in queued]

@@ -132,7 +132,10 @@ def refresh_pilots(s: Session) -> list[str]:
         asked = time.time()
         try:
             t = s.transport(name)
-            states = _ask(t, sched, sched.status_argv(ids), sched.parse_status, ids, name)
+            # with somewhere to fail over to, a failed ask is not retried at once: failover
+            # measures how long the scheduler stays silent, over several asks
+            states = _ask(t, sched, sched.status_argv(ids), sched.parse_status, ids, name,
+                          retry=len(record.resources) == 1)
         except ExternalError as e:
             s.errors[name] = e
             # unreachable since the failed call began (a dead controller takes a while to say so)
@@ -168,10 +171,10 @@ def refresh_pilots(s: Session) -> list[str]:
     return changed
 
 
-def _ask(t, sched, argv, parse, ids, name):
+def _ask(t, sched, argv, parse, ids, name, retry: bool = True):
     try:
         r = run_checked(t, argv, f"asking {name} about its pilots",
-                        transient=lambda r: sched.transient(r.returncode, r.stderr), timeout=60)
+                        transient=(lambda r: sched.transient(r.returncode, r.stderr)) if retry else None, timeout=60)
     except ExternalError as e:
         if "invalid job id" in (e.stderr or "").lower():
             return {}  # every job id is gone (squeue refuses them all): use the fallback

@@ -76,6 +76,16 @@ def print_status(record, snap) -> None:
     finished = counts["todo"] == 0 and counts["locked"] == 0
     head = "finished" if finished else "running"
     out.print(f"[bold]{record.run}[/bold] ({head}): " + "  ".join(f"{k} {v}" for k, v in counts.items()))
+    if len(record.resources) > 1:  # per-resource progress (tokens move on failover)
+        per_res: dict[str, dict[str, int]] = {}
+        for name, res in record.owners().items():
+            c = per_res.setdefault(res, {"todo": 0, "locked": 0, "done": 0, "error": 0})
+            st = snap.states.state(name)
+            c[st] = c.get(st, 0) + 1
+        for res, c in per_res.items():
+            broken = record.resources.get(res, {}).get("broken")
+            out.print(f"  {res}: " + "  ".join(f"{k} {v}" for k, v in c.items())
+                      + (f"  [red](broken: {broken})[/red]" if broken else ""))
     t = Table(title_justify="left")
     for col in ("pilot", "resource", "job", "state", "nodes", "running", "done", "error"):
         t.add_column(col)

@@ -46,3 +46,24 @@ def status_json(cwd: Path, run: str | None = None, env: dict | None = None) -> d
     p = cli("status", *([run] if run else []), "--json", cwd=cwd, env=env)
     assert p.returncode in (0, 1), p.stderr
     return json.loads(p.stdout)
+
+
+@pytest.fixture(autouse=True)
+def _empty_batch_queues(request):
+    """Each test starts on an empty queue of the shared Slurm / Grid Engine: a pilot a test
+    left behind (held, or still winding down) would otherwise delay the next test's pilots."""
+    yield
+    import time
+    names = request.fixturenames
+    if "slurm_cluster" in names:
+        c = request.getfixturevalue("slurm_cluster")
+        c.run(["scancel", "--user", "root"])
+        end = time.time() + 30
+        while time.time() < end and c.run(["squeue", "--noheader", "--format=%i"]).stdout.strip():
+            time.sleep(0.5)
+    if "sge_cluster" in names:
+        c = request.getfixturevalue("sge_cluster")
+        c.run(["qdel", "-u", "*"])
+        end = time.time() + 30
+        while time.time() < end and c.run(["qstat", "-u", "*"]).stdout.strip():
+            time.sleep(0.5)
