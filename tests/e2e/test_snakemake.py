@@ -80,9 +80,9 @@ def assert_gone(pilots: dict, within: float = 10.0) -> None:
 
 def test_example_workflow_on_this_machine(work):
     wf = example(work)
-    r = snakemake(wf, "-j", "50", "--config", "sims=40", "--pilotflow-idle-timeout", "20s")
+    r = snakemake(wf, "-j", "50", "--config", "sims=20", "--pilotflow-idle-timeout", "20s")
     assert r.returncode == 0, r.stderr[-3000:]
-    st = check_example(wf, 40)
+    st = check_example(wf, 20)
     # one pilot for the three rules: the jobs that became ready later were bound to it
     # (late binding) rather than to new pilots
     assert len(st["pilots"]) == 1, st["pilots"]
