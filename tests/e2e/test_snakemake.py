@@ -168,7 +168,10 @@ def ctrl_c(wf: Path, marker: str, args: list[str], env: dict) -> subprocess.Comp
     """Start the workflow, wait until its jobs run in a pilot, send SIGINT to snakemake alone."""
     p = subprocess.Popen([sys.executable, "-m", "snakemake", "--executor", "pilotflow", "-j", "10", *args],
                          cwd=wf, env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                         text=True, start_new_session=True)
+                         text=True, start_new_session=True,
+                         # a test run started in the background by a non-interactive shell
+                         # inherits SIGINT ignored; a user's Ctrl-C is never ignored
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.time() + 120
         while time.time() < deadline and not running_with(marker):
