@@ -81,7 +81,7 @@ walltime = "2s"''', "big")
     pilots = plan["resources"][0]["pilots"]
     if nodes > 1:
         assert max(p["nodes"] for p in pilots) > 1
-    cli("submit", "jobs.toml", "--wait", cwd=work, env=env, check=0, timeout=400)
+    cli("submit", "jobs.toml", "--wait", cwd=work, env=env, check=0, timeout=240)
     st = status_json(work, env=env)
     assert st["counts"] == {"todo": 0, "locked": 0, "done": 300, "error": 0}
     hosts = Counter(t["host"] for t in st["tokens"].values())
@@ -134,7 +134,7 @@ name = "t{{i}}"
 command = '{RECORD.format(work=work_cmd)}'
 matrix = {{ i = "1..4" }}
 walltime = "10s"''', "overrun", max_walltime="2m")
-    cli("submit", "jobs.toml", "--wait", cwd=work, env=env, check=0, timeout=500)
+    cli("submit", "jobs.toml", "--wait", cwd=work, env=env, check=0, timeout=240)
     st = status_json(work, env=env)
     assert st["counts"]["done"] == 4
     assert len(st["pilots"]) >= 2  # the first one ran out of time

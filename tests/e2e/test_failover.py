@@ -75,7 +75,7 @@ def test_a_resource_broken_mid_run_fails_over_and_loses_nothing(work, slurm_clus
         time.sleep(0.5)
     slurm_cluster.stop()  # the cluster goes down: daemons and jobs
     try:
-        p = cli("wait", run, cwd=work, env=env, check=0, timeout=600)
+        p = cli("wait", run, cwd=work, env=env, check=0, timeout=240)
         assert "looks broken" in p.stderr and "moved" in p.stderr
         st = status_json(work, run, env=env)
         assert st["counts"] == {"todo": 0, "locked": 0, "done": 24, "error": 0}
@@ -96,7 +96,7 @@ def test_a_pilot_that_never_starts_fails_over_after_max_queue_wait(work, slurm_c
     two_resources(work, 'max_queue_wait = "15s"\ndirectives = ["--hold"]', n=12)
     env = slurm_cluster.env
     t = time.time()
-    cli("submit", "jobs.toml", "--wait", cwd=work, env=env, check=0, timeout=400)
+    cli("submit", "jobs.toml", "--wait", cwd=work, env=env, check=0, timeout=240)
     st = status_json(work, env=env)
     assert st["counts"]["done"] == 12
     where = Counter(pl["resource"] for pl in st["pilots"].values())

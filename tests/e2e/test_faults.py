@@ -247,7 +247,7 @@ walltime = "2s"
         time.sleep(0.5)
     slurm_cluster.stop_node("n2", kill_jobs=True)
     try:
-        cli("wait", run, cwd=work, env=env, check=0, timeout=600)
+        cli("wait", run, cwd=work, env=env, check=0, timeout=240)
     finally:
         slurm_cluster.start_node("n2")
     st = status_json(work, run, env=env)

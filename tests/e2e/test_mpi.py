@@ -36,7 +36,7 @@ def rank_records(work: Path):
 def test_two_node_mpi_tasks_and_single_core_tasks_share_one_pilot(work, slurm_cluster):
     copy_example(work)
     env = slurm_cluster.env
-    cli("submit", "mpi-slurm.toml", "--wait", cwd=work, env=env, check=0, timeout=600)
+    cli("submit", "mpi-slurm.toml", "--wait", cwd=work, env=env, check=0, timeout=240)
     st = status_json(work, env=env)
     assert st["counts"]["done"] == 25 and len(st["pilots"]) == 1
     logs = cli("logs", "reduce-1", cwd=work, env=env, check=0).stdout
@@ -74,7 +74,7 @@ def test_mpi_on_grid_engine_ranks_on_one_host(work, sge_cluster):
                                                           'name = "grid"\nscheduler = "sge"\ncores_per_node = 4\n'
                                                           'max_walltime = "10m"\npe = "smp"')
     (work / "mpi-sge.toml").write_text(text)
-    cli("submit", "mpi-sge.toml", "--wait", cwd=work, env=sge_cluster.env, check=0, timeout=600)
+    cli("submit", "mpi-sge.toml", "--wait", cwd=work, env=sge_cluster.env, check=0, timeout=240)
     st = status_json(work, env=sge_cluster.env)
     assert st["counts"]["done"] == 7
     logs = cli("logs", "reduce-2", cwd=work, env=sge_cluster.env, check=0).stdout
