@@ -53,17 +53,17 @@ def _empty_batch_queues(request):
     """Each test starts on an empty queue of the shared Slurm / Grid Engine: a pilot a test
     left behind (held, or still winding down) would otherwise delay the next test's pilots."""
     yield
-    import time
     names = request.fixturenames
     if "slurm_cluster" in names:
-        c = request.getfixturevalue("slurm_cluster")
-        c.run(["scancel", "--user", "root"])
-        end = time.time() + 30
-        while time.time() < end and c.run(["squeue", "--noheader", "--format=%i"]).stdout.strip():
-            time.sleep(0.5)
+        _drain(request.getfixturevalue("slurm_cluster"), ["scancel", "--user", "root"],
+               ["squeue", "--noheader", "--format=%i"])
     if "sge_cluster" in names:
-        c = request.getfixturevalue("sge_cluster")
-        c.run(["qdel", "-u", "*"])
-        end = time.time() + 30
-        while time.time() < end and c.run(["qstat", "-u", "*"]).stdout.strip():
-            time.sleep(0.5)
+        _drain(request.getfixturevalue("sge_cluster"), ["qdel", "-u", "*"], ["qstat", "-u", "*"])
+
+
+def _drain(cluster, cancel: list[str], listing: list[str], within: float = 30.0) -> None:
+    import time
+    cluster.run(cancel)
+    end = time.time() + within
+    while time.time() < end and cluster.run(listing).stdout.strip():
+        time.sleep(0.5)
