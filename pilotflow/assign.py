@@ -103,7 +103,7 @@ def _solve(resources: list[Resource], tasks: list[Task], fixed: dict[str, list[i
            units: dict[tuple, list[list[int]]]) -> dict[str, list[int]]:
     """Two solves: fewest pilots in total, then (pilots fixed) the shortest fluid makespan."""
     import pulp
-    from pilotflow.packing import _solver, var
+    from pilotflow.solver import solve, variable as var
     keys = list(units)
     rnames = [r.name for r in resources]
     fixed_shapes = {r.name: Counter((tasks[i].cores, tasks[i].walltime_s) for i in fixed[r.name])
@@ -155,14 +155,14 @@ def _solve(resources: list[Resource], tasks: list[Task], fixed: dict[str, list[i
         return prob, x, z
 
     prob, x, z = build(1, None)
-    if pulp.LpStatus[prob.solve(_solver())] != "Optimal":
+    if solve(prob) != "Optimal":
         raise BundleError(["the tasks cannot be split between the resources within their limits "
                            "(max_pilots, max_walltime); raise a limit or pin tasks"])
     z1 = {rnames[r]: int(round(v.value())) for r, v in z.items()}
     prob, x, _ = build(2, z1)
-    if pulp.LpStatus[prob.solve(_solver())] != "Optimal":
+    if solve(prob) != "Optimal":
         prob, x, _ = build(1, None)
-        prob.solve(_solver())
+        solve(prob)
     out: dict[str, list[int]] = {}
     for u, k in enumerate(keys):
         comps = list(units[k])

@@ -31,6 +31,10 @@ class RunNotFound(UsageError):
     """A run id that is not recorded in ./.pilotflow/runs (or no run at all)."""
 
 
+class NoSolver(UsageError):
+    """No MILP solver can be used (neither highspy nor a CBC binary): a setup problem, exit 2."""
+
+
 class ExternalError(PilotflowError):
     """An external system (ssh, a scheduler command) failed after retries: exit 3.
 

@@ -18,8 +18,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-_SOLVE_SECONDS = 20
-
+from pilotflow.solver import solve, solver_name, variable as var
 
 @dataclass(frozen=True)
 class Shape:
@@ -44,26 +43,6 @@ class TooFewPilots(Exception):
     def __init__(self, needed: int):
         self.needed = needed
         super().__init__(needed)
-
-
-def var(prob, name: str, low=None, up=None, cat: str = "Continuous"):
-    """A model variable: ``prob.add_variable`` where PuLP has it (3.3+; required in 4.0)."""
-    import pulp
-    if hasattr(prob, "add_variable"):
-        return prob.add_variable(name, low, up, cat=cat)
-    return pulp.LpVariable(name, low, up, cat=cat)
-
-
-def solver_name() -> str:
-    import pulp
-    return "HiGHS" if "HiGHS" in pulp.listSolvers(onlyAvailable=True) else "CBC"
-
-
-def _solver():
-    import pulp
-    if solver_name() == "HiGHS":
-        return pulp.HiGHS(msg=False, timeLimit=_SOLVE_SECONDS)
-    return pulp.PULP_CBC_CMD(msg=False, timeLimit=_SOLVE_SECONDS)
 
 
 def volume_bound(shapes: list[Shape], cores_per_node: int, max_nodes: int, max_walltime: int) -> int:
@@ -114,12 +93,12 @@ def split(shapes: list[Shape], cores_per_node: int, max_nodes: int, max_walltime
         prob += pulp.lpSum(shapes[i].nodes * shapes[i].walltime * xr[i] for i in members) <= W * lr[c]
     if max_pilots is not None:
         prob += z + y <= max_pilots
-    status = prob.solve(_solver())
-    if pulp.LpStatus[status] != "Optimal" or z.value() is None:
+    status = solve(prob)
+    if status != "Optimal" or z.value() is None:
         if max_pilots is not None:
             needed = split(shapes, C, N, W, None)
             raise TooFewPilots(needed.full + int(needed.remainder))
-        raise RuntimeError(f"the pilot model could not be solved ({pulp.LpStatus[status]})")
+        raise RuntimeError(f"the pilot model could not be solved ({status})")
     full = int(round(z.value()))
     x_full = [int(round(v.value())) for v in xf]
     x_rem = [s.count - x_full[i] for i, s in enumerate(shapes)]
