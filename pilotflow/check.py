@@ -60,7 +60,7 @@ def check_resource(res: Resource, base_dir: Path, *, submit: bool):
             r = t.run(argv)
             if r.returncode:
                 raise PilotflowError((r.stderr or r.stdout or f"exit code {r.returncode}").strip())
-            v = tuple(int(x) for x in r.stdout.split()[:3])
+            v = tuple(int(x) for x in r.stdout.split()[-3:])  # last: start-up files may print first
             ok = v >= (3, 6)
             yield "python", ok, (f"{res.python}: Python {'.'.join(map(str, v))}" if ok else
                                  f"{res.python} is Python {'.'.join(map(str, v))}; the launcher needs 3.6 or newer: "

@@ -7,9 +7,12 @@ on stderr and the SPEC's exit code; a traceback appears only with ``--debug``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import sys
 from pathlib import Path
+from typing import Iterator
 
 from pilotflow.errors import PilotflowError
 
@@ -18,7 +21,7 @@ INTERNAL_ERROR = 4  # not in SPEC §3: a bug in pilotflow itself (README, "Devia
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pilotflow", description="Run many tasks in few pilot allocations.")
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    p.add_argument("--debug", action="store_true", help="show tracebacks and pilotflow's debug log")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
@@ -70,6 +73,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.debug:  # pilotflow's own debug log (e.g. what a solver printed) on stderr
+        import logging
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("pilotflow debug: %(name)s: %(message)s"))
+        logger = logging.getLogger("pilotflow")
+        logger.addHandler(handler)
+        logger.setLevel(logging.DEBUG)
+    with own_stdout():
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         return _dispatch(args)
     except PilotflowError as e:
@@ -88,6 +103,42 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pilotflow: internal error: {type(e).__name__}: {e}\n"
               "  rerun with --debug for the traceback and report it", file=sys.stderr)
         return INTERNAL_ERROR
+
+
+@contextlib.contextmanager
+def own_stdout() -> Iterator[None]:
+    """Keep the process's stdout for pilotflow's own output alone.
+
+    ``plan --json``, ``status --json`` and the run id of ``submit`` are parsed by scripts, so
+    no other byte may reach them: a C library (a solver's banner), a child that inherits the
+    descriptor, a stray ``print`` in a dependency. ``sys.stdout`` is moved to a private copy
+    of descriptor 1, and descriptor 1 itself is pointed at stderr for the command's duration,
+    so whatever else writes there is still visible, on stderr."""
+    original = sys.stdout
+    try:
+        original.flush()
+        if original.fileno() != 1:
+            raise ValueError("stdout is not descriptor 1")
+        mine = open(os.dup(1), "w", encoding=original.encoding, errors=original.errors,
+                    buffering=1 if original.line_buffering else -1)
+    except (AttributeError, OSError, ValueError):  # no real stdout (embedded, captured): nothing to guard
+        yield
+        return
+    os.dup2(2, 1)
+    sys.stdout = mine
+    try:
+        yield
+    finally:
+        sys.stdout = original
+        try:
+            mine.flush()
+        except OSError:  # a closed pipe (`| head`): nothing more can reach it anyway
+            pass
+        os.dup2(mine.fileno(), 1)
+        try:
+            mine.close()
+        except OSError:
+            pass
 
 
 def _label(e: PilotflowError) -> str:

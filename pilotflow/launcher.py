@@ -45,6 +45,9 @@ MOVED = "moved"  # handed over to another resource's pool: never claimable here 
 FINAL = (DONE, ERROR, MOVED)
 LOST_LIMIT = 5  # attempts lost to dying pilots before a token is given up as error
 VERSION = 1
+# Helper answers are framed: a cluster's shell start-up files (.bashrc, module banners) may
+# print before the helper runs; the client reads only what follows the last marker.
+HELPER_MARK = "\n--pilotflow-helper-answer--\n"
 
 
 # --- files ---------------------------------------------------------------------------------
@@ -1387,23 +1390,35 @@ def main(argv=None):
                    deadline=a.deadline, scheduler=a.scheduler, mpi_launcher=a.mpi_launcher)
         return ag.run()
     if a.cmd == "changes":
-        sys.stdout.write(json.dumps(_changes(Pool(a.pool), a.since)))
+        answer(_changes(Pool(a.pool), a.since))
         return 0
     if a.cmd == "scrub":
         pool = Pool(a.pool)
         names = set(a.names) if a.names is not None else None
         done = pool.scrub(failed=a.failed, stale=a.stale, names=names, timeout=a.timeout, reason=a.reason,
                           pilots=set(a.pilots) if a.pilots else None)
-        sys.stdout.write(json.dumps({"scrubbed": done}))
+        answer({"scrubbed": done})
         return 0
     if a.cmd == "move":
-        sys.stdout.write(json.dumps({"moved": Pool(a.pool).move_out(a.names, a.to)}))
+        answer({"moved": Pool(a.pool).move_out(a.names, a.to)})
         return 0
     if a.cmd == "info":
-        sys.stdout.write(json.dumps(_info()))
+        answer(_info())
         return 0
     p.print_help()
     return 2
+
+
+def answer(obj):
+    """A helper's answer on stdout, after the marker the client looks for."""
+    sys.stdout.write(HELPER_MARK + json.dumps(obj) + "\n")
+
+
+def parse_answer(stdout):
+    """The JSON a helper answered, whatever was printed before it; ValueError if none."""
+    if HELPER_MARK in stdout:
+        stdout = stdout.rsplit(HELPER_MARK, 1)[1]
+    return json.loads(stdout)
 
 
 def _node_cores():

@@ -36,7 +36,7 @@ from markupsafe import Markup
 
 from pilotflow import __version__
 from pilotflow.errors import UsageError
-from pilotflow.launcher import write_atomic
+from pilotflow.launcher import HELPER_MARK, parse_answer, write_atomic
 from pilotflow.report_svg import resample, step_curve
 
 OUTCOMES = ("done", "error", "retried", "lost", "running")
@@ -293,8 +293,8 @@ for name, k in json.load(sys.stdin):
     except OSError:
         pass
     out[key] = d
-sys.stdout.write(json.dumps(out))
-"""
+sys.stdout.write(MARK + json.dumps(out))
+""".replace("MARK", repr(HELPER_MARK))
 
 
 def _fetch_earlier(record, session, states, docs, tasks) -> None:
@@ -317,7 +317,7 @@ def _fetch_earlier(record, session, states, docs, tasks) -> None:
             t = session.transport(res_name)
             argv = shlex.split(record.resource(res_name).python) + ["-c", _EARLIER, t.expand(record.pool(res_name))]
             r = t.run(argv, input=json.dumps(items).encode(), timeout=60)
-            found = json.loads(r.stdout) if r.returncode == 0 else {}
+            found = parse_answer(r.stdout) if r.returncode == 0 else {}
         except Exception:  # noqa: BLE001 - a report shows what it can (SSH, JSON, I/O errors)
             continue
         for name, k in items:

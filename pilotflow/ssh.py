@@ -303,7 +303,7 @@ class SshTransport(Transport):
 
     # the launcher as remote helper -----------------------------------------------------
     def helper(self, command, *args, python="python3", pool=""):
-        import json
+        from pilotflow.launcher import parse_answer
         from pilotflow.render import launcher_hash, launcher_source
         py = shlex.split(python or self.python)
         if command == "info" or not pool:
@@ -321,7 +321,7 @@ class SshTransport(Transport):
             raise ExternalError(f"the pilotflow helper failed on {self.label}", argv=argv, returncode=r.returncode,
                                 stdout=r.stdout, stderr=r.stderr)
         try:
-            return json.loads(r.stdout)
+            return parse_answer(r.stdout)
         except ValueError:
             raise ExternalError(f"the pilotflow helper on {self.label} printed something that is not JSON",
                                 argv=argv, stdout=r.stdout, stderr=r.stderr) from None

@@ -53,7 +53,8 @@ class Pbs(Scheduler):
 
     def parse_status(self, stdout, job_ids):
         try:
-            jobs = json.loads(stdout or "{}").get("Jobs", {})
+            start = stdout.find("{")  # start-up files on the login node may print first
+            jobs = json.loads(stdout[start:] if start >= 0 else "{}").get("Jobs", {})
         except ValueError:
             return {}
         out = {}

@@ -138,6 +138,29 @@ Host target
         agent.terminate()
 
 
+def test_a_chatty_login_shell_does_not_reach_machine_readable_output(work, ssh_server):
+    # Cluster start-up files often print (module banners, quota notes) even for `ssh host cmd`.
+    home = Path(os.path.expanduser(f"~{ssh_server.user}"))
+    rc = home / ".bashrc"
+    saved = rc.read_bytes() if rc.exists() else None
+    rc.write_text('echo "Welcome to the test cluster (a chatty .bashrc)"\n' + (saved or b"").decode())
+    try:
+        assert "Welcome" in ssh_server.run("true").stdout  # the banner really reaches remote commands' stdout
+        env = ssh_env(ssh_server)
+        remote_bundle(work)
+        run = cli("submit", "jobs.toml", "--wait", cwd=work, env=env, check=0).stdout
+        assert len(run.splitlines()) == 1 and "Welcome" not in run
+        st = status_json(work, env=env)
+        assert st["counts"]["done"] == 7
+        assert "to stderr" in cli("logs", "c3", cwd=work, env=env, check=0).stdout
+        assert "Welcome" not in cli("check", "jobs.toml", cwd=work, env=env, check=0).stdout.replace("\n", " ")
+    finally:
+        if saved is None:
+            rc.unlink()
+        else:
+            rc.write_bytes(saved)
+
+
 def test_pilots_outlive_the_client_and_a_later_status_picks_the_run_up(work, ssh_server):
     env = ssh_env(ssh_server)
     remote_bundle(work, body="""
