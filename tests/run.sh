@@ -1,10 +1,17 @@
 #!/usr/bin/env bash
 # Sets up and runs the whole pilotflow test suite (the README's test command; .ci/run calls it).
-#   bash tests/run.sh [pytest args]
+#   bash tests/run.sh [pytest args]            pinned: the exact versions of tests/constraints.txt, in .venv
+#   bash tests/run.sh --latest [pytest args]   the newest versions the ranges in pyproject.toml allow, in .venv-latest
 # As root with apt-get, it first installs what the real-daemon tests need (Slurm, Grid Engine,
 # OpenSSH server, Open MPI, Chromium); otherwise those tiers skip and say why.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+
+LATEST=0
+if [ "${1:-}" = "--latest" ]; then
+    LATEST=1
+    shift
+fi
 
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     bash tests/daemons/install.sh || { echo "tests/run.sh: installing the daemons' packages failed" >&2; exit 1; }
@@ -17,20 +24,31 @@ if ! "$PY" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
     echo "tests/run.sh: pilotflow needs Python >= 3.11 on the client; $("$PY" --version 2>&1) found (set PYTHON=...)" >&2
     exit 1
 fi
-if [ ! -x .venv/bin/python ]; then
-    if ! "$PY" -m venv .venv 2>/dev/null; then
-        rm -rf .venv
+VENV=.venv
+[ $LATEST = 1 ] && VENV=.venv-latest
+if [ ! -x $VENV/bin/python ]; then
+    if ! "$PY" -m venv $VENV 2>/dev/null; then
+        rm -rf $VENV
         if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
             DEBIAN_FRONTEND=noninteractive apt-get install -y -q python3-venv >/dev/null
         fi
-        "$PY" -m venv .venv || { echo "tests/run.sh: cannot create a virtual environment" >&2; exit 1; }
+        "$PY" -m venv $VENV || { echo "tests/run.sh: cannot create a virtual environment" >&2; exit 1; }
     fi
 fi
 # compat mode: Snakemake finds executor plugins only as real packages on sys.path
-.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]' --config-settings editable_mode=compat \
-    || { echo "tests/run.sh: installing pilotflow and its test dependencies failed" >&2; exit 1; }
+PIP=("$VENV/bin/python" -m pip install -q --disable-pip-version-check)
+if [ $LATEST = 1 ]; then
+    "${PIP[@]}" --upgrade --upgrade-strategy eager -e '.[test]' --config-settings editable_mode=compat
+else
+    # PIP_CONSTRAINT also reaches the isolated build environment (setuptools)
+    PIP_CONSTRAINT="$PWD/tests/constraints.txt" "${PIP[@]}" -c tests/constraints.txt -e '.[test]' \
+        --config-settings editable_mode=compat
+fi || { echo "tests/run.sh: installing pilotflow and its test dependencies failed" >&2; exit 1; }
+echo "tests/run.sh: $([ $LATEST = 1 ] && echo "newest versions" || echo "pinned versions (tests/constraints.txt)"):" \
+    "$("$VENV/bin/python" -m pip list --disable-pip-version-check 2>/dev/null \
+       | awk 'tolower($1) ~ /^(pulp|highspy|snakemake|paramiko|rich|pytest)$/ {printf "%s%s %s", sep, $1, $2; sep=", "}')"
 
-.venv/bin/python -m pytest "$@"
+"$VENV/bin/python" -m pytest "$@"
 rc=$?
 if [ $rc -eq 5 ]; then
     echo "tests/run.sh: pytest collected no tests: that is a failure, not a pass" >&2
