@@ -18,7 +18,7 @@ import random
 import time
 
 from pilotflow.bundle import Bundle, Resource, Task
-from pilotflow.plan import make_plan
+from pilotflow.planning.plan import make_plan
 
 SLURM = dict(name="c", scheduler="slurm", cores_per_node=48, max_nodes=4, max_walltime_s=86400)
 

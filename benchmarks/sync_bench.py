@@ -25,9 +25,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from pilotflow.launcher import Pool, dump, write_atomic  # noqa: E402
-from pilotflow.runs import RunRecord, resource_to_dict  # noqa: E402
+from pilotflow.run.records import ResourceState, RunRecord  # noqa: E402
 from pilotflow.bundle import Resource  # noqa: E402
-from pilotflow.sync import Session, sync_states  # noqa: E402
+from pilotflow.run.sync import Session, sync_states  # noqa: E402
 from tests.daemons.sshd import SshServer  # noqa: E402
 
 
@@ -81,7 +81,7 @@ def main():
         rundir = base / "mirror"
         rundir.mkdir()
         record = RunRecord(run="bench", bundle="b", bundle_path="", base_dir=str(base), created=time.time(),
-                           lock_timeout=300, resources={"r": {"resource": resource_to_dict(res), "pool": str(remote)}},
+                           lock_timeout=300, resources={"r": ResourceState.of(res, str(remote))},
                            tokens=a.tokens, directory=rundir)
         record.save()
         with Session(record) as s:

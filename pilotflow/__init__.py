@@ -4,7 +4,7 @@ The Python API (:mod:`pilotflow.api`) is re-exported here lazily: ``import pilot
 cheap (no scheduler calls, no heavy imports) so the CLI and the Snakemake shim start fast.
 """
 
-__version__ = "0.1.0"
+from pilotflow.version import __version__
 
 # (not "plan", "bundle", "submit": those are module names, which would shadow them)
 _API = {"Bundle", "Event", "Plan", "Resource", "Run", "Task", "from_dict", "load", "plan_for", "start"}

@@ -8,7 +8,7 @@
     run.on_pilot(lambda e: print("pilot", e.name, e.new))
     counts = run.wait()                             # raises RunFailed if tokens end in error
 
-Callbacks receive :class:`pilotflow.events.Event` objects (kind, name, old, new, attempt,
+Callbacks receive :class:`pilotflow.run.events.Event` objects (kind, name, old, new, attempt,
 time, info), the same events the bundle's ``on_change`` hook gets as JSON, in an order that
 does not depend on how often the run was polled. Runs live where the CLI keeps them
 (``./.pilotflow/runs`` of ``cwd``), so ``pilotflow status`` sees runs made from Python and
@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Callable
 
 from pilotflow.bundle import Bundle, Resource, Task, bundle_from_dict, load_bundle
-from pilotflow.events import Event
-from pilotflow.plan import Plan, make_plan
+from pilotflow.run.events import Event
+from pilotflow.planning.plan import Plan, make_plan
 
 __all__ = ["Bundle", "Event", "Plan", "Resource", "Run", "Task", "from_dict", "load", "plan_for", "start"]
 
@@ -46,7 +46,7 @@ def plan_for(b: Bundle, **kw) -> Plan:
 
 def start(b: Bundle, *, cwd: str | os.PathLike | None = None, log: Callable[[str], None] | None = None) -> "Run":
     """Create the run (pools, inputs, pilots) and return it; nothing is waited for."""
-    from pilotflow.submit import new_run
+    from pilotflow.run.submit import new_run
     cwd = Path(cwd) if cwd else Path.cwd()
     record, _ = new_run(b, cwd=cwd, log=log or (lambda _msg: None))
     return Run(record.run, cwd)
@@ -64,7 +64,7 @@ class Run:
     @classmethod
     def open(cls, run: str | None = None, cwd: str | os.PathLike | None = None) -> "Run":
         """An existing run (default: the newest one started from ``cwd``)."""
-        from pilotflow.runs import find_run
+        from pilotflow.run.records import find_run
         return cls(find_run(run, Path(cwd) if cwd else None).run, cwd)
 
     def on_token(self, callback: Callable[[Event], None]) -> "Run":
@@ -79,43 +79,32 @@ class Run:
         for cb in (self._token_cbs if e.kind == "token" else self._pilot_cbs):
             cb(e)
 
+    def _record(self):
+        from pilotflow.run.records import find_run
+        return find_run(self.id, self.cwd)
+
     def status(self) -> dict:
         """The ``status --json`` document (SPEC §3), after a sync."""
-        from pilotflow.commands import _sync
-        from pilotflow.runs import find_run
-        from pilotflow.sync import Session
-        from pilotflow.views import status_json
-        record = find_run(self.id, self.cwd)
-        with Session(record) as s:
-            snap = _sync(s)
-            for e in s.events:
-                self._dispatch(e)
+        from pilotflow.run.control import status, status_json
+        record = self._record()
+        snap, events = status(record)
+        for e in events:
+            self._dispatch(e)
         return status_json(record, snap)
 
-    def wait(self, *, progress: bool = False) -> dict:
+    def wait(self, *, view=None) -> dict:
         """Until every token is done or error, calling the callbacks as things change;
-        returns the counts (raises RunFailed when tokens ended in error)."""
-        from pilotflow.commands import _wait
-        _wait(self.id, callbacks=[self._dispatch], cwd=self.cwd, quiet=not progress)
-        return self.status()["counts"]
+        returns the counts (raises RunFailed when tokens ended in error). ``view``: any
+        object with the methods of ``pilotflow.run.supervisor.Observer`` (default: silent)."""
+        from pilotflow.run.supervisor import wait
+        return wait(self._record(), view, callbacks=[self._dispatch])
 
-    def cancel(self) -> None:
-        from argparse import Namespace
+    def cancel(self) -> int:
+        """Cancel the run's pilots (running tokens go back to todo); how many were cancelled."""
+        from pilotflow.run.control import cancel
+        return cancel(self._record())[0]
 
-        from pilotflow.commands import cancel
-        _in(self.cwd, lambda: cancel(Namespace(run=self.id)))
-
-    def retry(self, *, failed: bool = False, stale: bool = False) -> None:
-        from argparse import Namespace
-
-        from pilotflow.commands import retry
-        _in(self.cwd, lambda: retry(Namespace(run=self.id, failed=failed, stale=stale, move_to=None)))
-
-
-def _in(cwd: Path, fn):
-    old = os.getcwd()
-    os.chdir(cwd)
-    try:
-        return fn()
-    finally:
-        os.chdir(old)
+    def retry(self, *, failed: bool = False, stale: bool = False):
+        """Scrub failed / stale tokens back to todo and submit pilots for what is left."""
+        from pilotflow.run.control import retry
+        return retry(self._record(), failed=failed, stale=stale)

@@ -513,7 +513,7 @@ class Agent(object):
 
     def __init__(self, pool, pilot, agent=0, cores=1, memory=0, walltime=None, stage=0,
                  lock_timeout=None, idle_timeout=0.0, poll=0.5, steal_delay=1.0, warn_grace=10.0,
-                 deadline=None, scheduler="local", mpi_launcher="srun"):
+                 deadline=None, mpi="mpiexec", node=None):
         self.pool = pool
         self.pilot = pilot
         self.agent = agent
@@ -526,17 +526,15 @@ class Agent(object):
         self.deadline = deadline  # when the scheduler ends the pilot (None: never)
         # what still runs shortly before the end is stopped and handed back, so a follow-up
         # pilot can take it without waiting for a lock to go stale
-        guard = 0 if deadline is None else max(2.0, min(15.0, 0.05 * (deadline - self.started)))
-        self.handback = None if deadline is None else deadline - guard
+        self.handback = None if deadline is None else deadline - handback_guard(deadline - self.started)
         self.stage = stage
         self.lock_timeout = lock_timeout if lock_timeout else pool.lock_timeout()
         self.idle_timeout = idle_timeout
         self.poll = poll
         self.steal_delay = steal_delay
         self.warn_grace = warn_grace
-        self.host = node_name()
-        self.scheduler = scheduler
-        self.mpi_launcher = mpi_launcher
+        self.host = node or node_name()
+        self.mpi = mpi  # how ranks start: srun | mpirun (Open MPI's, daemons through srun) | mpiexec
         self.gang_pilot = False  # the pilot has multi-node tokens: its agents coordinate
         self.gangs = {"draining": None, "running": []}  # the leader's reservations (agents/PILOT.gangs.json)
         self.gangs_mtime = None
@@ -795,8 +793,7 @@ class Agent(object):
         argv = None
         if t.mpi:  # ranks on this node, through the scheduler's launcher
             n = t.ranks or t.cores
-            argv = mpi_argv(self.scheduler, t, [(self.host, n)], log + ".hosts", max(1, t.cores // n),
-                            self.mpi_launcher, env)
+            argv = mpi_argv(self.mpi, t, [(self.host, n)], log + ".hosts", max(1, t.cores // n), env)
         try:
             pid = spawn(t.command, env, log + ".out", log + ".err", argv)
         except OSError as e:
@@ -1118,8 +1115,8 @@ class Agent(object):
             env[k] = v
         argv = None
         if t.mpi:
-            argv = mpi_argv(self.scheduler, t, [(n, per_node) for n in names], log + ".hosts",
-                            max(1, self.cores // per_node), self.mpi_launcher, env)
+            argv = mpi_argv(self.mpi, t, [(n, per_node) for n in names], log + ".hosts",
+                            max(1, self.cores // per_node), env)
         else:
             with open(log + ".hosts", "w") as f:
                 f.write("".join("%s slots=%d\n" % (n, self.cores) for n in names))
@@ -1245,10 +1242,17 @@ class Agent(object):
             self.reaper = None
 
 
-def node_name():
-    """The node as the scheduler names it (several slurmd may share one hostname), else the
-    host name; PILOTFLOW_NODE overrides both."""
-    return os.environ.get("PILOTFLOW_NODE") or os.environ.get("SLURMD_NODENAME") or socket.gethostname()
+def handback_guard(walltime):
+    """Seconds before a pilot's deadline at which its launchers stop what still runs and hand
+    it back (so a follow-up takes it at once, not after a stale lock); the Snakemake plugin's
+    late binding counts with the same figure."""
+    return max(2.0, min(15.0, 0.05 * walltime))
+
+
+def node_name(var=None):
+    """The node as the scheduler names it (``var``: the variable the batch script says holds
+    it; several slurmd may share one hostname), else the host name; PILOTFLOW_NODE overrides."""
+    return os.environ.get("PILOTFLOW_NODE") or (os.environ.get(var) if var else None) or socket.gethostname()
 
 
 def _pilot_number(pid):
@@ -1303,19 +1307,19 @@ def _which(prog, env):
     raise OSError(errno.ENOENT, "%s: command not found" % prog)
 
 
-def mpi_argv(scheduler, t, hosts, hostfile, per_rank=1, launcher="srun", env=None):
-    """How ranks start inside the allocation: the scheduler's own launcher (srun on Slurm,
-    mpiexec with the hosts of the allocation on PBS and Grid Engine, mpiexec on one node
-    locally). ``hosts`` are (node name, ranks there) pairs."""
+def mpi_argv(style, t, hosts, hostfile, per_rank=1, env=None):
+    """How ranks start inside the allocation, in the style the batch script chose: ``srun``
+    (Slurm's own), ``mpirun`` (Open MPI's, its daemons started through srun) or ``mpiexec``
+    with a host file of the allocation. ``hosts`` are (node name, ranks there) pairs."""
     ranks = sum(n for _, n in hosts)
     shell = ["/bin/sh", "-c", t.command]
-    if scheduler == "slurm" and launcher == "mpirun":
+    if style == "mpirun":
         # Open MPI's mpirun starts its daemons with srun; they share the CPUs our own step holds
         if env is not None:
             env["SLURM_OVERLAP"] = "1"
         return (["mpirun", "-np", str(ranks), "--oversubscribe", "--host", ",".join("%s:%d" % h for h in hosts)]
                 + shell)
-    if scheduler == "slurm":
+    if style == "srun":
         return (["srun", "--overlap", "--nodes=%d" % len(hosts), "--nodelist=" + ",".join(h for h, _ in hosts),
                  "--ntasks=%d" % ranks, "--cpus-per-task=%d" % per_rank, "--kill-on-bad-exit=1", "--mpi=pmix"]
                 + shell)
@@ -1327,7 +1331,7 @@ def mpi_argv(scheduler, t, hosts, hostfile, per_rank=1, launcher="srun", env=Non
 
 # --- command line ------------------------------------------------------------------------------
 
-def _changes(pool, since):
+def changes(pool, since):
     """Everything a client's sync needs, in one round trip: the filesystem clock, the state
     files changed since ``since`` (fs clock), the launcher records, and the defs count."""
     now = fs_now(pool.path("agents"))
@@ -1336,7 +1340,7 @@ def _changes(pool, since):
     return {"now": now, "states": states, "agents": agents, "defs": len(os.listdir(pool.path("defs")))}
 
 
-def _info():
+def info():
     return {"python": list(sys.version_info[:3]), "host": socket.gethostname(), "cwd": os.getcwd(),
             "version": VERSION}
 
@@ -1348,13 +1352,16 @@ def main(argv=None):
     r = sub.add_parser("run", help="be one node's launcher for a pilot")
     r.add_argument("pool")
     r.add_argument("--pilot", required=True)
-    r.add_argument("--agent", type=int, default=None, help="node index (default: from the scheduler)")
+    r.add_argument("--agent", type=int, default=None, help="node index (default: from --agent-var, else 0)")
+    r.add_argument("--agent-var", default=None, help="environment variable holding the node index "
+                   "(the batch script names its scheduler's, e.g. SLURM_NODEID)")
+    r.add_argument("--node-var", default=None, help="environment variable naming this node (e.g. SLURMD_NODENAME)")
     r.add_argument("--cores", type=int, default=0, help="cores to use (default: all of this node)")
     r.add_argument("--memory", type=int, default=0, help="memory (MB) to use; 0 = not limited")
     r.add_argument("--walltime", type=float, default=0, help="seconds this pilot may run; 0 = no limit")
     r.add_argument("--deadline", type=float, default=None, help="epoch seconds when the scheduler ends the pilot")
-    r.add_argument("--scheduler", default="local", help="how MPI ranks start: slurm (srun), pbs/sge/local (mpiexec)")
-    r.add_argument("--mpi-launcher", default="srun", help="on Slurm: srun (--mpi=pmix) or mpirun (Open MPI)")
+    r.add_argument("--mpi", default="mpiexec", choices=("srun", "mpirun", "mpiexec"),
+                   help="how MPI ranks start (the batch script chooses its scheduler's way)")
     r.add_argument("--idle-timeout", type=float, default=0.0)
     r.add_argument("--poll", type=float, default=0.5)
     r.add_argument("--steal-delay", type=float, default=1.0)
@@ -1381,16 +1388,15 @@ def main(argv=None):
         if not pool.meta:
             sys.stderr.write("pilotflow-launcher: %s is not a token pool (no run.json)\n" % a.pool)
             return 2
-        agent = a.agent if a.agent is not None else int(os.environ.get("SLURM_NODEID") or
-                                                          os.environ.get("PBS_VNODENUM") or
-                                                          os.environ.get("PILOTFLOW_AGENT") or 0)
+        agent = a.agent if a.agent is not None else int((os.environ.get(a.agent_var) if a.agent_var else None)
+                                                         or os.environ.get("PILOTFLOW_AGENT") or 0)
         cores = a.cores or _node_cores()
         ag = Agent(pool, a.pilot, agent=agent, cores=cores, memory=a.memory, walltime=a.walltime or None,
                    idle_timeout=a.idle_timeout, poll=a.poll, steal_delay=a.steal_delay, warn_grace=a.warn_grace,
-                   deadline=a.deadline, scheduler=a.scheduler, mpi_launcher=a.mpi_launcher)
+                   deadline=a.deadline, mpi=a.mpi, node=node_name(a.node_var))
         return ag.run()
     if a.cmd == "changes":
-        answer(_changes(Pool(a.pool), a.since))
+        answer(changes(Pool(a.pool), a.since))
         return 0
     if a.cmd == "scrub":
         pool = Pool(a.pool)
@@ -1403,7 +1409,7 @@ def main(argv=None):
         answer({"moved": Pool(a.pool).move_out(a.names, a.to)})
         return 0
     if a.cmd == "info":
-        answer(_info())
+        answer(info())
         return 0
     p.print_help()
     return 2
@@ -1422,11 +1428,7 @@ def parse_answer(stdout):
 
 
 def _node_cores():
-    """Cores this launcher may use on its node: the scheduler's view first, then the OS's."""
-    for var in ("SLURM_CPUS_ON_NODE", "PBS_NCPUS", "NCPUS", "NSLOTS"):
-        v = os.environ.get(var)
-        if v and v.isdigit():
-            return int(v)
+    """Cores this launcher may use when the batch script did not say (it always does)."""
     try:
         return len(os.sched_getaffinity(0))
     except (AttributeError, OSError):

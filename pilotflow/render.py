@@ -9,34 +9,19 @@ to occur in it.
 
 from __future__ import annotations
 
-import hashlib
 import shlex
 from functools import lru_cache
-from importlib import resources
 from pathlib import Path
 
 import jinja2
 
-from pilotflow import __version__
+from pilotflow.version import __version__
 from pilotflow.bundle import Resource
 from pilotflow.errors import UsageError
-from pilotflow.plan import Plan, PilotPlan
+from pilotflow.launcher_text import launcher_hash, launcher_source
+from pilotflow.planning.plan import Plan, PilotPlan
 from pilotflow.schedulers import backend
 from pilotflow.schedulers.base import job_name
-
-
-def launcher_source() -> str:
-    return _launcher()[0]
-
-
-def launcher_hash() -> str:
-    return _launcher()[1]
-
-
-@lru_cache(maxsize=1)
-def _launcher() -> tuple[str, str]:
-    src = resources.files("pilotflow").joinpath("launcher.py").read_text(encoding="utf-8")
-    return src, hashlib.sha256(src.encode()).hexdigest()[:16]
 
 
 def shpath(path: str) -> str:
@@ -70,23 +55,23 @@ def python_words(resource: Resource) -> str:
 def render_pilot(pilot: PilotPlan, resource: Resource, run: str, pool: str, *,
                  launcher_args: list[str] = ()) -> str:
     """The complete batch script for one pilot; ``pool`` is the run directory on the resource."""
-    sched = backend(resource.scheduler)
-    src, digest = _launcher()
+    sched = backend(resource)
+    src, digest = launcher_source(), launcher_hash()
     heredoc = f"PILOTFLOW_LAUNCHER_{digest}"
     if heredoc in src:
         raise AssertionError("launcher source contains its here-document terminator")
     try:
         directives = sched.directives(job_name=job_name(run, pilot.id), nodes=pilot.nodes,
                                       cores_per_node=resource.cores_per_node, walltime_s=pilot.walltime_s,
-                                      resource=resource, output=f"{pilot.id}.%j.out"
-                                      if resource.scheduler == "slurm" else f"{pilot.id}.out")
+                                      resource=resource, output=sched.output_name(pilot.id))
     except ValueError as e:
         raise UsageError(f"resource '{resource.name}': {e}") from None
     args = "".join(" " + shlex.quote(a) for a in launcher_args)
     return _env().get_template(sched.template).render(
         pilot=pilot, resource=resource, run=run, pool=pool, directives=directives, python=python_words(resource),
         cores=pilot.cores, launcher_source=src if src.endswith("\n") else src + "\n", launcher_hash=digest,
-        heredoc=heredoc, launcher_args=args, version=__version__)
+        heredoc=heredoc, launcher_args=args, version=__version__,
+        backend_args=" ".join(shlex.quote(a) for a in sched.launcher_options(resource)))
 
 
 def pool_path(resource: Resource, root: str, run: str, taken: set[tuple] = frozenset()) -> str:

@@ -4,6 +4,6 @@ Kept to one import: Snakemake imports every installed plugin on every command (e
 ``python -m snakemake`` too), and a plugin that fails to import breaks them all.
 """
 
-from pilotflow.snakemake import Executor, ExecutorSettings, common_settings
+from pilotflow.snakemake.executor import Executor, ExecutorSettings, common_settings
 
 __all__ = ["Executor", "ExecutorSettings", "common_settings"]

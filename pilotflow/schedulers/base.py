@@ -10,7 +10,9 @@ import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
-from pilotflow.fields import DIRECTIVE_WORD_RE
+
+# What may stand in a scheduler directive's value: no spaces, quotes or newlines.
+DIRECTIVE_WORD_RE = re.compile(r"[A-Za-z0-9_.,:+@%=/-]+")
 
 # Pilot states as pilotflow reports them, whatever the scheduler calls them.
 QUEUED, RUNNING, ENDED, FAILED, CANCELLED, UNKNOWN = "queued", "running", "ended", "failed", "cancelled", "unknown"
@@ -25,11 +27,42 @@ class JobState:
 
 
 class Scheduler(ABC):
+    """Everything pilotflow knows about one kind of scheduler; a module of this package
+    registers it as ``BACKEND``."""
+
     name = ""
     prefix = ""  # directive prefix, e.g. "#SBATCH"
     walltime_step = 1  # seconds of the walltime directive's granularity
     docs = ""  # where the state names come from
-    template = ""
+    template = ""  # the batch-script template in pilotflow/templates
+    batch = True  # a batch system (queued jobs, nodes elsewhere); False: processes on this machine
+    check_commands: tuple[str, ...] = ()  # what `pilotflow check` looks for on the login node
+
+    @classmethod
+    def for_resource(cls, resource) -> "Scheduler":
+        """An instance configured for a resource (most backends need nothing from it)."""
+        return cls()
+
+    def output_name(self, pilot_id: str) -> str:
+        """The file the scheduler writes the pilot's own stdout to (in POOL/pilots)."""
+        return f"{pilot_id}.out"
+
+    def mpi_style(self, resource) -> str:
+        """How MPI ranks start inside a pilot: ``srun``, ``mpirun`` or ``mpiexec``."""
+        return "mpiexec"
+
+    def launcher_options(self, resource) -> list[str]:
+        """What the launcher must be told about this scheduler, as its own options: the MPI
+        style, and the environment variables that carry the node's index and name."""
+        return ["--mpi", self.mpi_style(resource)]
+
+    def flavour_argv(self) -> list[str] | None:
+        """A command telling whether the commands found are really this scheduler's."""
+        return None
+
+    def flavour_problem(self, output: str) -> str | None:
+        """None when ``flavour_argv``'s output says so, else what is wrong and the fix."""
+        return None
 
     @abstractmethod
     def directives(self, *, job_name: str, nodes: int, cores_per_node: int, walltime_s: int, resource,
@@ -98,3 +131,13 @@ def hms(seconds: int) -> str:
     h, rest = divmod(seconds, 3600)
     m, s = divmod(rest, 60)
     return f"{h:02d}:{m:02d}:{s:02d}"
+
+
+def format_hms(seconds: int) -> str:
+    """``[D-]HH:MM:SS`` as sbatch/qsub accept it."""
+    seconds = int(seconds)
+    days, rest = divmod(seconds, 86400)
+    h, rest = divmod(rest, 3600)
+    m, s = divmod(rest, 60)
+    clock = f"{h:02d}:{m:02d}:{s:02d}"
+    return f"{days}-{clock}" if days else clock

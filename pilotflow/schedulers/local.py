@@ -31,9 +31,15 @@ class Local(Scheduler):
     walltime_step = 1
     docs = "processes on this machine"
     template = "local.sh.j2"
+    batch = False
+    check_commands = ("setsid", "/bin/sh")
 
     def __init__(self, python: str = "python3"):
-        self.python = python
+        self.python = python  # the status probe runs the resource's own python
+
+    @classmethod
+    def for_resource(cls, resource):
+        return cls(python=resource.python)
 
     def directives(self, **kw):
         return []
@@ -64,3 +70,6 @@ class Local(Scheduler):
     def cancel_argv(self, job_ids):
         # no "--": dash's kill does not take it; "-PID" is the process group
         return ["/bin/sh", "-c", 'for p; do kill -TERM "-$p" 2>/dev/null; done; true', "sh"] + list(job_ids)
+
+
+BACKEND = Local

@@ -22,6 +22,18 @@ class Pbs(Scheduler):
     walltime_step = 1
     docs = "PBS Professional Reference Guide, 'Job States'"
     template = "pbs.sh.j2"
+    check_commands = ("qsub", "qstat", "qdel")
+
+    def launcher_options(self, resource):
+        return super().launcher_options(resource) + ["--agent-var", "PBS_VNODENUM"]
+
+    def flavour_argv(self):
+        return ["qstat", "--version"]
+
+    def flavour_problem(self, output):
+        if "pbs" not in output.lower():
+            return "qsub/qstat here are not PBS's (Grid Engine's?): use scheduler = \"sge\" or put PBS first in PATH"
+        return None
 
     def directives(self, *, job_name, nodes, cores_per_node, walltime_s, resource, output):
         chunk = f"{nodes}:ncpus={cores_per_node}:mpiprocs=1"
@@ -77,3 +89,6 @@ class Pbs(Scheduler):
 
     def find_argv(self, name):
         return ["qselect", "-N", name[:15]]
+
+
+BACKEND = Pbs

@@ -25,6 +25,15 @@ class Sge(Scheduler):
     walltime_step = 1
     docs = "https://arc.liv.ac.uk/SGE/htmlman/htmlman1/qstat.html"
     template = "sge.sh.j2"
+    check_commands = ("qsub", "qstat", "qdel")
+
+    def flavour_argv(self):
+        return ["qstat", "-help"]
+
+    def flavour_problem(self, output):
+        if "GE" not in output.split("\n", 1)[0]:
+            return "qsub/qstat here are not Grid Engine's (PBS's?): use scheduler = \"pbs\""
+        return None
 
     def directives(self, *, job_name, nodes, cores_per_node, walltime_s, resource, output):
         d = [f"-N {directive_word(job_name, 'job name')}", "-S /bin/sh", "-cwd", "-j y",
@@ -98,3 +107,6 @@ class Sge(Scheduler):
     def find_argv(self, name):
         # qstat -j NAME prints "job_number: ID" for every job of that name
         return ["/bin/sh", "-c", 'qstat -j "$1" 2>/dev/null | sed -n "s/^job_number: *//p"', "sh", name]
+
+
+BACKEND = Sge

@@ -6,8 +6,7 @@ State names: https://slurm.schedmd.com/squeue.html#SECTION_JOB-STATE-CODES
 from __future__ import annotations
 
 from pilotflow.schedulers.base import (CANCELLED, ENDED, FAILED, QUEUED, RUNNING, JobState, Scheduler,
-                                       check_directive, directive_word)
-from pilotflow.units import format_hms
+                                       check_directive, directive_word, format_hms)
 
 STATES = {
     "PENDING": QUEUED, "CONFIGURING": QUEUED, "REQUEUED": QUEUED, "REQUEUE_HOLD": QUEUED,
@@ -27,6 +26,16 @@ class Slurm(Scheduler):
     walltime_step = 60  # --time has minute granularity
     docs = "https://slurm.schedmd.com/squeue.html#SECTION_JOB-STATE-CODES"
     template = "slurm.sh.j2"
+    check_commands = ("sbatch", "squeue", "scancel")
+
+    def output_name(self, pilot_id):
+        return f"{pilot_id}.%j.out"
+
+    def mpi_style(self, resource):
+        return resource.mpi_launcher  # srun (the default) or Open MPI's mpirun
+
+    def launcher_options(self, resource):
+        return super().launcher_options(resource) + ["--agent-var", "SLURM_NODEID", "--node-var", "SLURMD_NODENAME"]
 
     def directives(self, *, job_name, nodes, cores_per_node, walltime_s, resource, output):
         d = [f"--job-name={directive_word(job_name, 'job name')}",
@@ -90,3 +99,6 @@ class Slurm(Scheduler):
 
     def find_argv(self, name):
         return ["squeue", "--noheader", "--states=all", f"--name={name}", "--format=%i"]
+
+
+BACKEND = Slurm

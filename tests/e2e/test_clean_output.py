@@ -113,7 +113,7 @@ def test_stray_writes_to_descriptor_1_go_to_stderr_not_stdout():
 
 
 def test_quiet_stdio_restores_the_descriptors_when_the_solve_raises(capfd):
-    from pilotflow.solver import quiet_stdio
+    from pilotflow.planning.solver import quiet_stdio
     with pytest.raises(RuntimeError):
         with quiet_stdio():
             os.write(1, b"swallowed\n")
@@ -126,7 +126,7 @@ def test_quiet_stdio_restores_the_descriptors_when_the_solve_raises(capfd):
 @pytest.mark.parametrize("solver", SOLVERS)
 def test_planning_raises_no_deprecation_warning(work, monkeypatch, solver):
     from pilotflow.bundle import load_bundle
-    from pilotflow.plan import make_plan
+    from pilotflow.planning.plan import make_plan
     monkeypatch.setenv("PILOTFLOW_SOLVER", solver)
     bundle = load_bundle(write_bundle(work, BUNDLE))
     with warnings.catch_warnings(record=True) as caught:

@@ -9,7 +9,7 @@ import pytest
 
 import pilotflow
 from pilotflow.errors import RunFailed
-from pilotflow.events import token_events
+from pilotflow.run.events import token_events
 from tests.conftest import cli, write_bundle
 
 EXPECTED = {

@@ -74,7 +74,7 @@ def test_failures_retries_and_dependants(work):
     assert (tok["broken"]["state"], tok["broken"]["attempts"], tok["broken"]["exit_code"]) == ("error", 2, 7)
     assert tok["needs-broken"]["state"] == "error" and tok["needs-flaky"]["state"] == "done"
     run = st["run"]
-    from pilotflow.runs import Mirror
+    from pilotflow.run.mirror import Mirror
     mirror = Mirror(work / ".pilotflow/runs" / run).states()
     assert mirror["needs-broken"]["reason"] == "dependency broken ended in error"
     logs = cli("logs", "broken", cwd=work, check=0).stdout

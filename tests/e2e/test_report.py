@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from pilotflow.report_svg import COLOURS
+from pilotflow.report.svg import COLOURS
 from tests.conftest import cli, status_json, write_bundle
 
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

@@ -198,7 +198,7 @@ walltime = "1s"
         ssh_server.kill_connections()
         p.send_signal(signal.SIGKILL)
         p.wait()
-        from pilotflow.runs import Mirror
+        from pilotflow.run.mirror import Mirror
         Mirror(run_dir).states()  # always readable
     st = status_json(work, env=env)
     assert st["counts"] == {"todo": 0, "locked": 0, "done": 400, "error": 0}

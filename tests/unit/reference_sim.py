@@ -1,6 +1,6 @@
 """A deliberately naive, per-task implementation of the launcher policy (test oracle).
 
-Written independently of pilotflow.simulate: no groups, no batching — every node, at every
+Written independently of pilotflow.planning.simulate: no groups, no batching — every node, at every
 event time, scans all tokens in rank order. Used to cross-check the aggregated simulator.
 """
 

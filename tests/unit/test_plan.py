@@ -8,9 +8,9 @@ from hypothesis import given, settings, strategies as st
 
 from pilotflow.bundle import Bundle, Resource, Task, bundle_from_dict
 from pilotflow.errors import BundleError
-from pilotflow.grouping import build_groups
-from pilotflow.plan import make_plan
-from pilotflow.simulate import SimGroup, SimPilot, simulate
+from pilotflow.planning.grouping import build_groups
+from pilotflow.planning.plan import make_plan
+from pilotflow.planning.simulate import SimGroup, SimPilot, simulate
 
 
 def slurm(**kw):
@@ -238,7 +238,7 @@ def test_mpi_cores_beyond_a_node_take_whole_nodes_and_small_tasks_fill_around():
 
 def test_gangs_never_share_a_node_in_the_simulated_schedule():
     # a pilot of 3 nodes, gangs of 2 and of 3 nodes: the simulation must serialise them
-    from pilotflow.simulate import SimGroup, SimPilot, simulate
+    from pilotflow.planning.simulate import SimGroup, SimPilot, simulate
     g = [SimGroup(cores=4, walltime=10, nodes=2, rank=0, count={0: 2}),
          SimGroup(cores=4, walltime=10, nodes=3, rank=1, count={0: 1}),
          SimGroup(cores=1, walltime=5, rank=2, count={0: 4})]

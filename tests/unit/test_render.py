@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 
 from pilotflow.bundle import Resource
-from pilotflow.plan import PilotPlan
-from pilotflow.render import launcher_hash, launcher_source, render_pilot
+from pilotflow.planning.plan import PilotPlan
+from pilotflow.launcher_text import launcher_hash, launcher_source
+from pilotflow.render import render_pilot
 
 GOLDEN = Path(__file__).parent.parent / "data" / "golden"
 RUN = "demo-20261122-101500-3f2a"

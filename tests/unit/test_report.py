@@ -18,8 +18,8 @@ import pytest
 from pilotflow.bundle import Resource, Task
 from pilotflow.errors import UsageError
 from pilotflow.report import build, pack_lanes, resample, step_curve, write_report, Attempt
-from pilotflow.runs import PilotRecord, RunRecord, resource_to_dict
-from pilotflow.sync import Snapshot
+from pilotflow.run.records import PilotRecord, RunRecord, resource_to_dict
+from pilotflow.run.sync import Snapshot
 
 T0 = 1_790_000_000.0
 

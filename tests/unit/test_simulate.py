@@ -5,8 +5,8 @@ import random
 from hypothesis import given, settings, strategies as st
 
 from pilotflow.bundle import Task
-from pilotflow.grouping import build_groups
-from pilotflow.simulate import SimGroup, SimPilot, simulate
+from pilotflow.planning.grouping import build_groups
+from pilotflow.planning.simulate import SimGroup, SimPilot, simulate
 from tests.unit.reference_sim import reference
 
 

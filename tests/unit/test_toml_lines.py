@@ -1,4 +1,4 @@
-from pilotflow.toml_lines import LineMap
+from pilotflow.bundle.toml_lines import LineMap
 
 SOURCE = '''[bundle]
 name = "x"  # a comment with [brackets

@@ -1,6 +1,7 @@
 import pytest
 
-from pilotflow.units import format_duration, format_hms, parse_duration, parse_size_mb
+from pilotflow.bundle.units import format_duration, parse_duration, parse_size_mb
+from pilotflow.schedulers.base import format_hms
 
 
 @pytest.mark.parametrize("text,seconds", [

@@ -27,8 +27,8 @@ cd "$POOL" || exit 1
 # one launcher per node: pbsdsh starts one task per chunk (select=N:...:mpiprocs=1);
 # each finds its node index in PBS_VNODENUM
 if [ 2 -gt 1 ]; then
-    pbsdsh -- python3 "$LAUNCHER" run "$POOL" --pilot "$PILOT" --scheduler pbs --cores 16 --deadline "$DEADLINE"
+    pbsdsh -- python3 "$LAUNCHER" run "$POOL" --pilot "$PILOT" --mpi mpiexec --agent-var PBS_VNODENUM --cores 16 --deadline "$DEADLINE"
 else
-    python3 "$LAUNCHER" run "$POOL" --pilot "$PILOT" --scheduler pbs --cores 16 --deadline "$DEADLINE"
+    python3 "$LAUNCHER" run "$POOL" --pilot "$PILOT" --mpi mpiexec --agent-var PBS_VNODENUM --cores 16 --deadline "$DEADLINE"
 fi
 echo $? > "$POOL/agents/$PILOT.exit"

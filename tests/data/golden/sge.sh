@@ -29,11 +29,11 @@ echo "it's $HOME"
 AGENT=0
 if [ -n "${PE_HOSTFILE:-}" ] && [ "$(wc -l < "$PE_HOSTFILE")" -gt 1 ]; then
     while read -r host slots rest; do
-        qrsh -inherit -nostdin "$host" python3 "$LAUNCHER" run "$POOL" --pilot "$PILOT" --scheduler sge --agent "$AGENT" --cores "$slots" --deadline "$DEADLINE" &
+        qrsh -inherit -nostdin "$host" python3 "$LAUNCHER" run "$POOL" --pilot "$PILOT" --mpi mpiexec --agent "$AGENT" --cores "$slots" --deadline "$DEADLINE" &
         AGENT=$((AGENT + 1))
     done < "$PE_HOSTFILE"
     wait
 else
-    python3 "$LAUNCHER" run "$POOL" --pilot "$PILOT" --scheduler sge --cores "${NSLOTS:-16}" --deadline "$DEADLINE"
+    python3 "$LAUNCHER" run "$POOL" --pilot "$PILOT" --mpi mpiexec --cores "${NSLOTS:-16}" --deadline "$DEADLINE"
 fi
 echo $? > "$POOL/agents/$PILOT.exit"

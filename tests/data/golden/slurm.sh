@@ -28,5 +28,5 @@ module load 2023
 echo "it's $HOME"
 # one launcher per node, all pulling from the same pool
 srun --nodes=2 --ntasks=2 --ntasks-per-node=1 --cpus-per-task=16 --kill-on-bad-exit=0 \
-    python3 "$LAUNCHER" run "$POOL" --pilot "$PILOT" --scheduler slurm --mpi-launcher srun --cores 16 --deadline "$DEADLINE"
+    python3 "$LAUNCHER" run "$POOL" --pilot "$PILOT" --mpi srun --agent-var SLURM_NODEID --node-var SLURMD_NODENAME --cores 16 --deadline "$DEADLINE"
 echo $? > "$POOL/agents/$PILOT.exit"

@@ -1,0 +1,316 @@
+"""Job bundles: TOML in, a validated and fully expanded :class:`Bundle` out.
+
+Every problem in a file is collected and reported at once as ``FILE:LINE: message`` (exit 2),
+including the ones only visible after expansion: duplicate names, dependency cycles, ``after``
+patterns that match nothing, and tasks that no resource can hold.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from pilotflow.bundle import fields as F
+from pilotflow.bundle.expand import (AfterResolver, Substituter, find_cycle, is_glob, matrix_product,
+                                     matrix_values, token_lines)
+from pilotflow.bundle.fit import unfit
+from pilotflow.bundle.model import (DEFAULT_BATCH_MAX_WALLTIME_S, DEFAULT_LOCK_TIMEOUT_S, DEFAULT_WALLTIME_S,
+                                    Bundle, Resource, Task, local_resource)
+from pilotflow.bundle.schema import (BUNDLE_KEYS, RESOURCE_KEYS, TASK_FIELDS, TASK_KEYS, TASKS_FROM_KEYS, TOP_KEYS,
+                                     Problems, check_keys, validated)
+from pilotflow.bundle.toml_lines import LineMap
+from pilotflow.errors import BundleError
+from pilotflow.schedulers import backend_class
+
+
+def load_bundle(path: str | os.PathLike) -> Bundle:
+    """Read, validate and expand a bundle file; raises BundleError listing every problem."""
+    path = Path(path)
+    data, lines = read_toml(path)
+    return bundle_from_dict(data, path=path, lines=lines)
+
+
+def read_toml(path: Path) -> tuple[dict, LineMap]:
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise BundleError([f"{path}: no such file; give the path of a job bundle (.toml)"]) from None
+    except OSError as e:
+        raise BundleError([f"{path}: cannot read: {e.strerror}"]) from None
+    try:
+        source = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise BundleError([f"{path}:{line}: the file is not valid UTF-8"]) from None
+    try:
+        data = tomllib.loads(source)
+    except tomllib.TOMLDecodeError as e:
+        msg = str(e)
+        line = getattr(e, "lineno", None)
+        if line is None and "(at line " in msg:
+            line = int(msg.rsplit("(at line ", 1)[1].split(",")[0])
+            msg = msg.rsplit(" (at line ", 1)[0]
+        raise BundleError([f"{path}:{line or 1}: invalid TOML: {msg}"]) from None
+    return data, LineMap(source)
+
+
+def bundle_from_dict(data: dict, *, path: Path | None = None, lines: LineMap | None = None) -> Bundle:
+    """Validate a bundle given as the dict TOML would produce (also the Python API's entry)."""
+    pb = Problems(path, lines)
+    check_keys(data, TOP_KEYS, (), "top level", pb)
+    head = check_keys(data.get("bundle", {}), BUNDLE_KEYS, ("bundle",), "bundle", pb)
+    meta = validated(head, BUNDLE_KEYS, ("bundle",), pb)
+    if "name" not in head:
+        pb.add(("bundle",), '[bundle] needs a name, for example name = "fractals"')
+    resources = load_resources(data, pb)
+    defaults = check_keys(data.get("defaults", {}), TASK_FIELDS, ("defaults",), "defaults", pb)
+    defaults = validated(defaults, TASK_FIELDS, ("defaults",), pb)
+    base = path.parent if path else Path.cwd()
+    tasks = _expand_tasks(data, defaults, base, pb)
+    if not tasks and "task" not in data and "tasks_from" not in data:
+        pb.add((), "the bundle has no tasks: add a [[task]] or [[tasks_from]] table")
+    tasks = _resolve_after(tasks, pb)
+    _check_fit(tasks, resources, pb)
+    pb.raise_if_any()
+    return Bundle(name=meta.get("name", "bundle"), tasks=tasks, resources=resources,
+                  lock_timeout_s=meta.get("lock_timeout", DEFAULT_LOCK_TIMEOUT_S), path=path,
+                  on_change=meta.get("on_change"), on_finish=meta.get("on_finish"),
+                  optimize=meta.get("optimize", "node-hours"), lines=lines)
+
+
+def load_resources(data: dict, pb: Problems) -> list[Resource]:
+    """The [[resource]] tables, or the implicit local one when there are none."""
+    raw = data.get("resource")
+    if raw is None:
+        return [local_resource()]
+    if not isinstance(raw, list):
+        pb.add(("resource",), "resources are written as [[resource]] tables")
+        return [local_resource()]
+    out: list[Resource] = []
+    seen: dict[str, int] = {}
+    for i, table in enumerate(raw):
+        origin = ("resource", i)
+        table = check_keys(table, RESOURCE_KEYS, origin, "resource", pb)
+        vals = validated(table, RESOURCE_KEYS, origin, pb)
+        for a, b in (("queue", "partition"), ("project", "account")):
+            if a in table and b in table:
+                pb.add(origin + (a,), f"give either {a} or {b}, not both (they mean the same)")
+        if "name" not in table:
+            pb.add(origin, '[[resource]] needs a name, for example name = "snellius"')
+        if "scheduler" not in table:
+            pb.add(origin, '[[resource]] needs a scheduler: "local", "slurm", "pbs" or "sge"')
+        sched = vals.get("scheduler", "local")
+        if backend_class(sched).batch:  # a batch system: its nodes are not this machine
+            if "cores_per_node" not in table:
+                pb.add(origin, f"[[resource]] with scheduler = \"{sched}\" needs cores_per_node "
+                               "(the cores of one node, for example cores_per_node = 128)")
+            vals.setdefault("max_walltime", DEFAULT_BATCH_MAX_WALLTIME_S)
+        else:
+            vals.setdefault("cores_per_node", os.cpu_count() or 1)
+        if "max_walltime" in vals:
+            vals["max_walltime_s"] = vals.pop("max_walltime")
+        if "memory_per_node" in vals:
+            vals["memory_per_node_mb"] = vals.pop("memory_per_node")
+        if "max_queue_wait" in vals:
+            vals["max_queue_wait_s"] = vals.pop("max_queue_wait")
+        name = vals.get("name", f"resource{i + 1}")
+        if name in seen:
+            pb.add(origin + ("name",), f"duplicate resource name '{name}' (also resource #{seen[name] + 1})")
+        seen[name] = i
+        vals["name"] = name
+        out.append(Resource(origin=origin, **vals))
+    return out or [local_resource()]
+
+
+def _expand_tasks(data: dict, defaults: dict, base: Path, pb: Problems) -> list[Task]:
+    tasks: list[Task] = []
+    raw = data.get("task", [])
+    if not isinstance(raw, list):
+        pb.add(("task",), "tasks are written as [[task]] tables")
+        raw = []
+    for i, table in enumerate(raw):
+        origin = ("task", i)
+        table = check_keys(table, TASK_KEYS, origin, "task", pb)
+        vals = {**defaults, **validated(table, TASK_KEYS, origin, pb)}
+        for key in ("name", "command"):
+            if key not in table:
+                pb.add(origin, f"[[task]] needs a {key}")
+        if "name" not in vals or "command" not in vals:
+            continue
+        combos = _matrix(table.get("matrix"), origin, pb)
+        if combos is None:
+            continue
+        variables = list(combos[0]) if combos and combos[0] else []
+        tasks.extend(_instantiate(vals, combos, variables, origin, pb))
+    raw = data.get("tasks_from", [])
+    if not isinstance(raw, list):
+        pb.add(("tasks_from",), "token lists are written as [[tasks_from]] tables")
+        raw = []
+    for i, table in enumerate(raw):
+        origin = ("tasks_from", i)
+        table = check_keys(table, TASKS_FROM_KEYS, origin, "tasks_from", pb)
+        vals = {**defaults, **validated(table, TASKS_FROM_KEYS, origin, pb)}
+        if "file" not in vals:
+            pb.add(origin, '[[tasks_from]] needs a file, for example file = "tokens.txt"')
+            continue
+        fpath = base / vals.pop("file")
+        try:
+            text = fpath.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            reason = getattr(e, "strerror", None) or "not valid UTF-8"
+            pb.add(origin + ("file",), f"file = \"{table['file']}\": cannot read {fpath}: {reason}")
+            continue
+        vals.setdefault("name", fpath.stem + "-{n}")
+        if "{n}" not in vals["name"]:
+            pb.value(origin, "name", vals["name"], "must contain {n} (the line number) to be unique")
+            continue
+        entries = token_lines(text)
+        combos = [{"n": str(n)} for n, _ in entries]
+        made = _instantiate(vals | {"command": "{__line}"}, [c | {"__line": cmd} for c, (_, cmd)
+                            in zip(combos, entries)], ["n", "__line"], origin, pb)
+        tasks.extend(made)
+    return tasks
+
+
+def _matrix(raw: Any, origin: tuple, pb: Problems) -> list[dict[str, str]] | None:
+    if raw is None:
+        return [{}]
+    if not isinstance(raw, dict) or not raw:
+        pb.value(origin, "matrix", raw, 'expected a table such as { i = "1..10", depth = [256, 512] }')
+        return None
+    variables: dict[str, list[str]] = {}
+    ok = True
+    for var, value in raw.items():
+        if not F.ENV_NAME_RE.fullmatch(var):
+            pb.add(origin + ("matrix", var), f"matrix variable '{var}' must be a simple name (letters, digits, _)")
+            ok = False
+            continue
+        try:
+            variables[var] = matrix_values(value)
+        except ValueError as e:
+            pb.add(origin + ("matrix", var), f"matrix.{var} = {F.show(value)}: {e}")
+            ok = False
+    if not ok:
+        return None
+    try:
+        return matrix_product(variables)
+    except ValueError as e:
+        pb.add(origin + ("matrix",), f"matrix: {e}")
+        return None
+
+
+_SUBST_FIELDS = ("name", "command", "resource")
+_SUBST_LISTS = ("after", "inputs", "outputs")
+
+
+def _instantiate(vals: dict, combos: list[dict[str, str]], variables: list[str], origin: tuple,
+                 pb: Problems) -> list[Task]:
+    sub = Substituter(variables)
+    env = vals.get("env", ())
+    base = {k: vals[k] for k in TASK_FIELDS if k in vals and k not in ("walltime", "memory", "env")}
+    base["walltime_s"] = vals.get("walltime", DEFAULT_WALLTIME_S)
+    base["memory_mb"] = vals.get("memory")
+    out = []
+    bad_name = None
+    for values in combos:
+        kw = dict(base)
+        for k in _SUBST_FIELDS:
+            if k in vals:
+                kw[k] = sub(vals[k], values)
+        for k in _SUBST_LISTS:
+            if k in vals:
+                kw[k] = tuple(sub(x, values) for x in vals[k])
+        kw["env"] = tuple((k, sub(v, values)) for k, v in env)
+        if not F.TASK_NAME_RE.fullmatch(kw["name"]) or set(kw["name"]) == {"."}:
+            bad_name = bad_name or kw["name"]
+            continue
+        bad = next(((k, x) for k in ("inputs", "outputs") for x in kw.get(k, ()) if _escapes(x)), None)
+        if bad is not None:
+            pb.value(origin, bad[0], vals[bad[0]], f"expands to {F.show(bad[1])}: paths must stay inside the "
+                     "bundle's directory (no leading / or ~, no ..)")
+            return out
+        out.append(Task(origin=origin, **kw))
+    if bad_name is not None:
+        pb.value(origin, "name", vals["name"], f"expands to {F.show(bad_name)}: task names become file "
+                 "names and must be 1-200 of A-Z a-z 0-9 _ . + = -")
+    return out
+
+
+def _escapes(path: str) -> bool:
+    try:
+        F.relative_path(path)
+        return False
+    except ValueError:
+        return True
+
+
+def _resolve_after(tasks: list[Task], pb: Problems) -> list[Task]:
+    seen: dict[str, Task] = {}
+    for t in tasks:
+        if t.name in seen:
+            first = seen[t.name]
+            line = pb.lines.line(first.origin + ("name",)) if pb.lines else None
+            also = f" (also at line {line})" if line else ""
+            pb.add(t.origin + ("name",), f"duplicate task name '{t.name}' after expansion{also}")
+        else:
+            seen[t.name] = t
+    resolver = AfterResolver(list(seen))
+    out = []
+    reported: set[tuple] = set()
+    for t in tasks:
+        if not t.after:
+            out.append(t)
+            continue
+        deps: list[str] = []
+        for pattern in t.after:
+            hit = resolver.resolve(pattern)
+            hit = [h for h in hit if h != t.name]
+            if not hit and (t.origin, pattern) not in reported:
+                reported.add((t.origin, pattern))
+                near = None if is_glob(pattern) else resolver.closest(pattern)
+                hint = f"; did you mean '{near}'?" if near else ""
+                pb.add(t.origin + ("after",), f"task '{t.name}': after = \"{pattern}\" matches no task{hint}")
+            deps.extend(hit)
+        out.append(replace(t, after=tuple(dict.fromkeys(deps))))
+    if not pb.items:
+        cycle = find_cycle({t.name: t.after for t in out})
+        if cycle:
+            first = next(t for t in out if t.name == cycle[0])
+            pb.add(first.origin + ("after",), "dependency cycle: " + " -> ".join(cycle))
+    return out
+
+
+def _check_fit(tasks: list[Task], resources: list[Resource], pb: Problems) -> None:
+    """Tasks no resource can hold are bundle errors, reported once per task template."""
+    reported: set[tuple] = set()
+    for t in tasks:
+        if t.origin in reported:
+            continue
+        why = unfit(t, resources)
+        if why:
+            reported.add(t.origin)
+            key, msg = why
+            pb.add(t.origin + (key,), f"task '{t.name}': {msg}")
+
+
+def load_resources_file(path: str | os.PathLike) -> list[Resource]:
+    """The [[resource]] tables of a TOML file (a job bundle's other tables are ignored), as
+    the Snakemake plugin's ``--pilotflow-resources`` takes them; every problem is reported at
+    once as FILE:LINE: message."""
+    path = Path(path)
+    if not path.is_file():
+        raise BundleError([f"{path}: no such file; --pilotflow-resources takes a TOML file of [[resource]] tables"])
+    data, lines = read_toml(path)
+    pb = Problems(path, lines)
+    check_keys(data, TOP_KEYS, (), "top level", pb)
+    if "resource" not in data and not pb.items:
+        pb.add((), 'no [[resource]] table: add one, for example\n  [[resource]]\n  name = "cluster"\n'
+                    '  scheduler = "slurm"\n  cores_per_node = 32')
+    resources = load_resources(data, pb)
+    pb.raise_if_any()
+    if not resources:
+        raise BundleError([f"{path}: no [[resource]] table"])
+    return resources

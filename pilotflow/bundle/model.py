@@ -1,0 +1,116 @@
+"""What a job bundle is, once read: tasks, resources, and the bundle holding them.
+
+Everything here is already validated and expanded (``pilotflow.bundle.load`` makes these from
+TOML); the planner, the renderer and the run machinery only ever see these types.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from pilotflow.bundle.toml_lines import LineMap
+
+DEFAULT_WALLTIME_S = 600
+DEFAULT_LOCK_TIMEOUT_S = 300
+DEFAULT_BATCH_MAX_WALLTIME_S = 24 * 3600
+
+
+@dataclass(frozen=True, slots=True)
+class Task:
+    """One concrete task (a token). ``origin`` is its key path in the bundle, for messages."""
+
+    name: str
+    command: str
+    cores: int = 1
+    walltime_s: int = DEFAULT_WALLTIME_S
+    memory_mb: int | None = None
+    retries: int = 0
+    env: tuple[tuple[str, str], ...] = ()
+    after: tuple[str, ...] = ()
+    inputs: tuple[str, ...] = ()
+    outputs: tuple[str, ...] = ()
+    resource: str | None = None
+    nodes: int = 1
+    mpi: bool = False
+    ranks_per_node: int | None = None
+    origin: tuple = ()
+
+
+@dataclass(frozen=True)
+class Resource:
+    """A place pilots run: a scheduler, its node shape and the limits the planner respects."""
+
+    name: str = "local"
+    scheduler: str = "local"
+    cores_per_node: int = 1
+    memory_per_node_mb: int | None = None
+    max_nodes: int = 1
+    max_walltime_s: int | None = None
+    max_pilots: int | None = None
+    host: str | None = None
+    port: int | None = None
+    identity_file: str | None = None
+    root: str | None = None
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    pe: str = "smp"
+    directives: tuple[str, ...] = ()
+    setup: tuple[str, ...] = ()
+    python: str = "python3"
+    walltime_margin: float = 0.05
+    max_queue_wait_s: int | None = None
+    mpi_launcher: str = "srun"  # Slurm: srun --mpi=pmix, or Open MPI's mpirun (daemons through srun)
+    origin: tuple = ()
+
+    @property
+    def remote(self) -> bool:
+        return self.host is not None
+
+
+@dataclass
+class Bundle:
+    name: str
+    tasks: list[Task]
+    resources: list[Resource]
+    lock_timeout_s: int = DEFAULT_LOCK_TIMEOUT_S
+    path: Path | None = None
+    on_change: str | None = None
+    on_finish: str | None = None
+    optimize: str = "node-hours"  # after the fewest pilots: "node-hours" (SPEC) or "makespan"
+    lines: LineMap | None = field(default=None, repr=False)
+
+    @property
+    def base_dir(self) -> Path:
+        """Where relative inputs, outputs and the default local root are resolved."""
+        return self.path.parent.resolve() if self.path else Path.cwd()
+
+    def resource(self, name: str) -> Resource:
+        for r in self.resources:
+            if r.name == name:
+                return r
+        raise KeyError(name)
+
+    def where(self, origin: tuple) -> str:
+        """``FILE:LINE`` (or ``FILE: [table.key]``) for a key path, for messages."""
+        return location(self.path, self.lines, origin)
+
+
+def local_resource(**overrides: Any) -> Resource:
+    """The implicit resource: this machine, all its cores, one node, no walltime limit."""
+    base = Resource(name="local", scheduler="local", cores_per_node=os.cpu_count() or 1,
+                    max_nodes=1, max_walltime_s=None)
+    return replace(base, **overrides)
+
+
+def location(path: Path | None, lines: LineMap | None, origin: tuple) -> str:
+    """``FILE:LINE:`` (or ``FILE: [table.key]``) for a key path, for messages."""
+    fname = str(path) if path else "<bundle>"
+    line = lines.line(origin) if lines and origin else None
+    if line:
+        return f"{fname}:{line}:"
+    table = ".".join(str(p) for p in origin if not isinstance(p, int))
+    return f"{fname}: [{table}]" if table else f"{fname}:"

@@ -1,0 +1,92 @@
+"""Interchangeable tasks and the priority order shared by planner, simulator and launcher.
+
+Two tasks are interchangeable when they have the same shape (cores, walltime, memory) and
+the same dependencies *and* dependants. The planner's model, the simulator and the plan all
+work on such groups, so their size depends on the number of distinct shapes and dependency
+roles, not on the number of tasks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from pilotflow.bundle import Task, task_nodes
+
+
+@dataclass
+class Group:
+    cores: int
+    walltime: int
+    memory: int
+    nodes: int
+    deps: tuple[int, ...]
+    members: list[int] = field(default_factory=list)  # task indices, ascending
+    bottom: int = 0  # longest path (seconds) from the start of this group to the end of all work
+    rank: int = 0
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        return (self.cores, self.walltime, self.memory, self.nodes)
+
+
+def build_groups(tasks: list[Task], indices: list[int],
+                 cores_per_node: int | None = None) -> tuple[list[Group], dict[int, int]]:
+    """Groups of the tasks ``indices`` (a dependency-closed subset), ranked for scheduling.
+    A task on several nodes takes them whole (its cores are a node's, ``cores_per_node``).
+
+    Returns the groups (in rank order, rank = list position) and task index → group id.
+    """
+    by_name = {tasks[i].name: i for i in indices}
+    succ: dict[int, list[int]] = {i: [] for i in indices}
+    for i in indices:
+        for d in tasks[i].after:
+            j = by_name.get(d)
+            if j is not None:
+                succ[j].append(i)
+    key_of: dict[tuple, int] = {}
+    groups: list[Group] = []
+    gid_of: dict[int, int] = {}
+    for i in indices:
+        t = tasks[i]
+        deps = frozenset(by_name[d] for d in t.after if d in by_name)
+        k = task_nodes(t, cores_per_node)
+        cores = cores_per_node if k > 1 and cores_per_node else t.cores
+        key = (cores, t.walltime_s, t.memory_mb or 0, k, deps, frozenset(succ[i]))
+        g = key_of.get(key)
+        if g is None:
+            g = key_of[key] = len(groups)
+            groups.append(Group(cores, t.walltime_s, t.memory_mb or 0, k, ()))
+        groups[g].members.append(i)
+        gid_of[i] = g
+    for g in groups:
+        first = g.members[0]
+        g.deps = tuple(sorted({gid_of[by_name[d]] for d in tasks[first].after if d in by_name}))
+    _bottom_levels(groups)
+    order = sorted(range(len(groups)), key=lambda g: (-groups[g].bottom, -groups[g].cores * groups[g].nodes,
+                                                      -groups[g].walltime, groups[g].members[0]))
+    remap = {old: new for new, old in enumerate(order)}
+    ranked = [groups[old] for old in order]
+    for new, g in enumerate(ranked):
+        g.rank = new
+        g.deps = tuple(sorted(remap[d] for d in g.deps))
+    gid_of = {i: remap[g] for i, g in gid_of.items()}
+    return ranked, gid_of
+
+
+def _bottom_levels(groups: list[Group]) -> None:
+    """Longest remaining path per group, iteratively (no recursion limit on long chains)."""
+    dependants: list[list[int]] = [[] for _ in groups]
+    indeg = [0] * len(groups)
+    for gi, g in enumerate(groups):
+        for d in g.deps:
+            dependants[d].append(gi)
+            indeg[gi] += 1
+    order: list[int] = [g for g in range(len(groups)) if indeg[g] == 0]
+    for g in order:  # topological order (grows while iterating)
+        for s in dependants[g]:
+            indeg[s] -= 1
+            if indeg[s] == 0:
+                order.append(s)
+    for g in reversed(order):
+        below = max((groups[s].bottom for s in dependants[g]), default=0)
+        groups[g].bottom = groups[g].walltime + below

@@ -1,0 +1,489 @@
+"""The HTML report of a run: one self-contained page with its timeline and summary figures.
+
+Hand-written SVG, no plotting library and no script. The page is one HTML file with inline
+CSS and two inline SVG figures built here as text: one ``<rect>`` per token attempt, whose
+``<title>`` is the hover text (name, attempt, times, exit code, reason), drawn over the
+pilots' allocation spans, and a step curve of busy vs allocated cores. Why not a plotting
+library (matplotlib, plotly, bokeh): none is a dependency of pilotflow; the interactive ones
+embed megabytes of JavaScript (or fetch it from a CDN, which a self-contained file must
+not); static images lose the per-bar hover text. Why SVG and not a ``<canvas>`` drawn by a
+script from embedded JSON: SVG needs no JavaScript, so the page reads the same in any
+browser, viewer or mail client with scripts blocked, stays inspectable and testable as a DOM
+(the end-to-end test counts the bars Chromium parsed), and prints crisply; at ~150 bytes a
+bar, 10,000 attempts make a page of about 2 MB, written in well under a second, which
+browsers render without trouble. The price, paid only past some 100,000 attempts, is DOM
+size; a canvas would be the next step then.
+
+What the report draws comes from the local mirror: ``states.jsonl`` keeps every state a
+sync saw (until it is compacted), so an attempt seen by some sync (running, or ended and
+handed back) keeps its own bar even after a later attempt replaced its state. Attempts whose end no sync saw (a failure
+retried within one poll interval) are looked up on the resource when a session is given, in
+one call per resource: the claim file says when and where the attempt started, the mtime
+of its hand-back note when it ended (else the next attempt's start or its node's end bound
+it; the hover text says the end was inferred).
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import jinja2
+from markupsafe import Markup
+
+from pilotflow.version import __version__
+from pilotflow.errors import UsageError
+from pilotflow.schedulers.base import FINISHED
+from pilotflow.launcher import HELPER_MARK, parse_answer, write_atomic
+from pilotflow.report.svg import resample, step_curve
+
+OUTCOMES = ("done", "error", "retried", "lost", "running")
+MAX_STDERR = 20  # failed tokens whose stderr is fetched from the resource
+MAX_CLAIMS = 1000  # earlier attempts whose end no sync saw, looked up on the resource
+TAIL_LINES = 10
+SLOWEST = 10
+LAG = 2.0  # seconds an attempt's recorded end may trail the start of the next one on its cores
+
+
+@dataclass
+class Attempt:
+    token: str
+    attempt: int
+    outcome: str  # one of OUTCOMES
+    start: float
+    end: float
+    pilot: str
+    agent: int
+    host: str
+    cores: int
+    exit_code: int | None = None
+    reason: str = ""
+    approx: bool = False  # end not observed: bounded by the next attempt's start / its node's end
+    lane: int = 0
+    shown_end: float = -1.0  # the end drawn (see pack_lanes); -1: not packed yet
+
+    @property
+    def duration(self) -> float:
+        return max(0.0, self.end - self.start)
+
+    @property
+    def shown(self) -> float:
+        """Seconds drawn: the recorded duration, less the launcher's bookkeeping lag."""
+        return max(0.0, (self.shown_end if self.shown_end >= 0 else self.end) - self.start)
+
+
+@dataclass
+class Row:
+    """One node (launcher agent) of one pilot, with its attempts packed in lanes."""
+    pilot: str
+    agent: int
+    host: str
+    start: float | None = None
+    end: float | None = None
+    cores: int | None = None  # the launcher's cores
+    lanes: int = 0
+    attempts: list[Attempt] = field(default_factory=list)
+
+
+@dataclass
+class PilotSpan:
+    id: str
+    resource: str
+    nodes: int
+    cores_per_node: int
+    walltime_s: float
+    state: str
+    job_id: str | None
+    submitted: float | None
+    start: float | None = None  # first agent start
+    end: float | None = None  # last agent end (now while it runs)
+    rows: list[Row] = field(default_factory=list)
+
+    @property
+    def cores(self) -> int:
+        return self.nodes * self.cores_per_node
+
+    @property
+    def charged_core_s(self) -> float:
+        return self.cores * (self.end - self.start) if self.start is not None else 0.0
+
+
+@dataclass
+class Failure:
+    token: str
+    attempt: int
+    exit_code: int | None
+    reason: str
+    pilot: str | None
+    host: str | None
+    stderr: str | None  # the tail, None when not available
+
+
+@dataclass
+class Report:
+    run: str
+    bundle: str
+    created: float
+    now: float
+    tokens: int
+    counts: dict[str, int]
+    attempts: list[Attempt]
+    pilots: list[PilotSpan]
+    t0: float
+    t1: float
+    makespan: float
+    used_core_s: float
+    done_core_s: float
+    charged_core_s: float
+    retried_tokens: int
+    extra_attempts: int
+    busy: tuple[list[float], list[float]]  # step curve: (times, value from that time on)
+    allocated: tuple[list[float], list[float]]
+    peak_busy: int
+    slowest: list[Attempt]
+    failures: list[Failure]
+    outcome_counts: dict[str, int]
+    unseen_attempts: int  # earlier attempts with no start known: no bar
+
+    @property
+    def efficiency(self) -> float | None:
+        return self.used_core_s / self.charged_core_s if self.charged_core_s > 0 else None
+
+
+def write_report(record, snap, output, session=None, now: float | None = None) -> Path:
+    """Write the report of ``record`` (token states from ``snap``) to ``output``.
+
+    With a ``session`` (see :class:`pilotflow.sync.Session`) the stderr of up to
+    ``MAX_STDERR`` failed tokens and unobserved earlier attempts are fetched from the
+    resources; without one, only what the local mirror holds is shown.
+    """
+    output = Path(output)
+    if not output.parent.is_dir():
+        raise UsageError(f"{output}: directory {output.parent} does not exist (create it, or choose "
+                         f"another path, for example -o {output.name})")
+    rep = build(record, snap, session=session, now=now)
+    write_atomic(str(output), render_html(rep).encode("utf-8"))
+    return output
+
+
+# --- the model -------------------------------------------------------------------------------
+
+def build(record, snap, session=None, now: float | None = None) -> Report:
+    now = time.time() if now is None else now
+    tasks = {t.name: t for t in record.tasks()}
+    states: dict[str, dict] = dict(snap.states.items())  # decoded once (a compact mapping, or a dict)
+    agents = getattr(snap, "agents", None) or record.mirror.agents()
+    pilots = _pilot_spans(record, agents, now)
+    docs = _attempt_docs(record, states)
+    if session is not None:
+        _fetch_earlier(record, session, states, docs, tasks)
+    attempts, unseen = _attempts(docs, states, tasks, pilots, now)
+    rows = _rows(pilots, agents, attempts, now)
+    for row in rows:
+        row.lanes = pack_lanes(row.attempts, row.cores)
+
+    used = sum(a.cores * a.shown for a in attempts)
+    starts = [a.start for a in attempts] + [p.start for p in pilots.values() if p.start is not None]
+    ends = [a.end for a in attempts] + [p.end for p in pilots.values() if p.end is not None]
+    t0 = min(starts) if starts else record.created
+    t1 = max(ends) if ends else now
+    if t1 - t0 < 1e-3:
+        t1 = t0 + 1.0
+    charged = sum(p.charged_core_s for p in pilots.values())
+    busy = step_curve([(a.start, a.cores) for a in attempts] + [(a.start + a.shown, -a.cores) for a in attempts])
+    allocated = step_curve([(p.start, p.cores) for p in pilots.values() if p.start is not None]
+                           + [(p.end, -p.cores) for p in pilots.values() if p.start is not None])
+    counts = snap.counts(record.tokens)
+    outcome_counts = {o: 0 for o in OUTCOMES}
+    for a in attempts:
+        outcome_counts[a.outcome] += 1
+    return Report(
+        run=record.run, bundle=record.bundle, created=record.created, now=now, tokens=record.tokens,
+        counts=counts, attempts=attempts,
+        pilots=sorted(pilots.values(), key=lambda p: _natural(p.id)), t0=t0, t1=t1,
+        makespan=(max(a.end for a in attempts) - min(a.start for a in attempts)) if attempts else 0.0,
+        used_core_s=used, done_core_s=sum(a.cores * a.shown for a in attempts if a.outcome == "done"),
+        charged_core_s=charged,
+        retried_tokens=sum(1 for d in states.values() if int(d.get("attempt") or 0) > 1),
+        extra_attempts=sum(max(0, int(d.get("attempt") or 0) - 1) for d in states.values()),
+        busy=resample(*busy, t0, t1), allocated=resample(*allocated, t0, t1),
+        peak_busy=int(max(busy[1], default=0)), slowest=_slowest(attempts),
+        failures=_failures(record, states, tasks, session), outcome_counts=outcome_counts,
+        unseen_attempts=unseen)
+
+
+def _natural(s: str):
+    digits = "".join(ch for ch in s if ch.isdigit())
+    return (s.rstrip("0123456789"), int(digits) if digits else 0, s)
+
+
+def _agent_end(a: dict, pilot_finished: bool, now: float) -> float:
+    if isinstance(a.get("end"), dict) and a["end"].get("end") is not None:
+        return float(a["end"]["end"])
+    return float(a.get("beat") or a.get("start") or now) if pilot_finished else now
+
+
+def _pilot_spans(record, agents: dict, now: float) -> dict[str, PilotSpan]:
+    out: dict[str, PilotSpan] = {}
+    for p in record.pilots.values():
+        out[p.id] = PilotSpan(p.id, p.resource, p.nodes, p.cores_per_node, p.walltime_s, p.state,
+                              p.job_id, p.submitted)
+    for a in agents.values():
+        pid = a.get("pilot")
+        if pid not in out:  # a launcher of a pilot this record does not know: show it anyway
+            out[pid] = PilotSpan(pid, a.get("resource", "?"), 1, int(a.get("cores") or 1), 0, "unknown", None, None)
+        p = out[pid]
+        if a.get("start") is None:
+            continue
+        end = _agent_end(a, p.state in FINISHED, now)
+        p.start = a["start"] if p.start is None else min(p.start, a["start"])
+        p.end = end if p.end is None else max(p.end, end)
+    return out
+
+
+def _attempt_docs(record, states: dict) -> dict[str, dict[int, dict]]:
+    """Every attempt's most telling record: the journal's history, then the current states.
+    The first record of an attempt that has ended wins (a later scrub of an error does not
+    hide that it failed); a record with an end beats a running (locked) one."""
+    docs: dict[str, dict[int, dict]] = {}
+
+    def add(doc: dict) -> None:
+        name = doc.get("token")
+        if not name:
+            return
+        n = int(doc.get("attempt") or 0)
+        cur = docs.setdefault(name, {}).get(n)
+        if cur is None or not _ended(cur):
+            docs[name][n] = doc
+
+    try:
+        with open(record.mirror.journal, "rb") as f:
+            for line in f:
+                try:
+                    add(json.loads(line))
+                except ValueError:
+                    continue  # a torn last record
+    except FileNotFoundError:
+        pass
+    for name, doc in states.items():
+        add(dict(doc, token=name))
+    return docs
+
+
+def _ended(doc: dict) -> bool:
+    return doc.get("state") != "locked" and doc.get("end") is not None
+
+
+_EARLIER = r"""
+import json, os, sys
+pool, out = sys.argv[1], {}
+for name, k in json.load(sys.stdin):
+    key = "%s.%d" % (name, k)
+    try:
+        with open(os.path.join(pool, "claims", key)) as f:
+            d = json.load(f)
+    except Exception:
+        d = None
+    d = d if isinstance(d, dict) else {}
+    try:
+        d["returned"] = os.stat(os.path.join(pool, "returns", key)).st_mtime
+    except OSError:
+        pass
+    out[key] = d
+sys.stdout.write(MARK + json.dumps(out))
+""".replace("MARK", repr(HELPER_MARK))
+
+
+def _fetch_earlier(record, session, states, docs, tasks) -> None:
+    """Earlier attempts whose end no sync saw: their claim file says when and where they
+    started, the mtime of their hand-back note (``returns/TOKEN.N``) when they ended. One
+    call of the resource's python per resource, for at most ``MAX_CLAIMS`` attempts."""
+    import shlex
+    wanted: dict[str, list] = {}
+    n = 0
+    for name, doc in sorted(states.items()):
+        task = tasks.get(name)
+        if task is None or task.resource not in record.resources:
+            continue
+        for k in range(1, int(doc.get("attempt") or 0)):
+            if n < MAX_CLAIMS and not _ended(docs.get(name, {}).get(k, {})):
+                wanted.setdefault(task.resource, []).append([name, k])
+                n += 1
+    for res_name, items in wanted.items():
+        try:
+            t = session.transport(res_name)
+            argv = shlex.split(record.resource(res_name).python) + ["-c", _EARLIER, t.expand(record.pool(res_name))]
+            r = t.run(argv, input=json.dumps(items).encode(), timeout=60)
+            found = parse_answer(r.stdout) if r.returncode == 0 else {}
+        except Exception:  # noqa: BLE001 - a report shows what it can (SSH, JSON, I/O errors)
+            continue
+        for name, k in items:
+            d = found.get(f"{name}.{k}") or {}
+            if d.get("token") == name:
+                docs.setdefault(name, {})[k] = {**docs[name].get(k, {}), **d, "attempt": k, "state": "locked"}
+
+
+def _outcome(doc: dict, nxt: dict | None) -> str:
+    st = doc.get("state")
+    if st in ("done", "error"):
+        return st
+    if st == "todo":
+        if doc.get("exit_code") is not None:
+            return "retried"
+        return "error" if str(doc.get("reason", "")).startswith("scrubbed") else "lost"
+    if nxt is None:
+        return "running"
+    for key, outcome in (("failures", "retried"), ("scrubs", "error"), ("lost", "lost")):
+        if int(nxt.get(key) or 0) > int(doc.get(key) or 0):
+            return outcome
+    return "lost"
+
+
+def _attempts(docs, states, tasks, pilots, now) -> tuple[list[Attempt], int]:
+    out: list[Attempt] = []
+    unseen = 0
+    for name, by_n in docs.items():
+        cores = tasks[name].cores if name in tasks else 1
+        last = max(int((states.get(name) or {}).get("attempt") or 0), max(by_n))
+        unseen += sum(1 for k in range(1, last + 1) if k not in by_n)
+        ns = sorted(by_n)
+        for i, n in enumerate(ns):
+            doc = by_n[n]
+            if doc.get("start") is None or n == 0:
+                continue  # never ran (a dependency failed) or a todo that never started
+            nxt = by_n[ns[i + 1]] if i + 1 < len(ns) else None
+            pilot, agent = str(doc.get("pilot") or "?"), int(doc.get("agent") or 0)
+            outcome = _outcome(doc, nxt)
+            p = pilots.get(pilot)
+            node_end = p.end if p is not None and p.state in FINISHED else None
+            start, approx = float(doc["start"]), False
+            if _ended(doc):
+                end = float(doc["end"])
+                if outcome == "lost" and node_end is not None:
+                    end = min(end, node_end)  # handed back after its node was gone
+            elif outcome == "running":
+                end = now if node_end is None else min(now, node_end)
+            else:
+                bounds = [b for b in (doc.get("returned"), (nxt or {}).get("start"), node_end) if b is not None]
+                if not bounds:
+                    continue
+                end, approx = min(bounds), True
+            code = doc.get("exit_code")
+            out.append(Attempt(name, n, outcome, start, max(start, end), pilot, agent, str(doc.get("host") or "?"),
+                               cores, int(code) if code is not None else None, str(doc.get("reason") or ""), approx))
+    return out, unseen
+
+
+def _rows(pilots: dict[str, PilotSpan], agents: dict, attempts: list[Attempt], now: float) -> list[Row]:
+    rows: dict[tuple[str, int], Row] = {}
+    for a in agents.values():
+        pid = a.get("pilot")
+        key = (pid, int(a.get("agent") or 0))
+        p = pilots[pid]
+        end = _agent_end(a, p.state in FINISHED, now) if a.get("start") is not None else None
+        rows[key] = Row(pid, key[1], str(a.get("host") or "?"), a.get("start"), end,
+                        int(a.get("cores") or 0) or p.cores_per_node)
+    for at in attempts:
+        key = (at.pilot, at.agent)
+        if key not in rows:
+            if at.pilot not in pilots:
+                pilots[at.pilot] = PilotSpan(at.pilot, "?", 1, at.cores, 0, "unknown", None, None)
+            rows[key] = Row(at.pilot, at.agent, at.host, cores=pilots[at.pilot].cores_per_node)
+        rows[key].attempts.append(at)
+    for key in sorted(rows, key=lambda k: (_natural(str(k[0])), k[1])):
+        pilots[key[0]].rows.append(rows[key])
+    return list(rows.values())
+
+
+def pack_lanes(attempts: list[Attempt], cores: int | None = None, lag: float = LAG) -> int:
+    """Greedy interval packing: each attempt, by start time, goes to the lowest-numbered
+    lane free at its start (a new one if none is); returns the number of lanes. This uses
+    as few lanes as the most attempts running at once on the node.
+
+    A launcher starts the next tasks on freed cores *before* it writes the ended attempts'
+    states (see ``Agent.run``), so a recorded end trails the next start by up to a few
+    tenths of a second. A node never runs more than its ``cores``: when an attempt would
+    take more, the attempts recorded as ending soonest (within ``lag``) had in fact ended;
+    they are drawn (``shown_end``) up to its start and it takes the first one's lane."""
+    attempts.sort(key=lambda a: (a.start, a.end, a.token))
+    busy: list[tuple[float, int]] = []  # (recorded end, lane) of the lanes in use
+    free: list[int] = []
+    last: dict[int, Attempt] = {}
+    used = lanes = 0
+    for a in attempts:
+        a.shown_end = a.end
+        while busy and busy[0][0] <= a.start:
+            lane = heapq.heappop(busy)[1]
+            used -= last[lane].cores
+            heapq.heappush(free, lane)
+        taken = None
+        while cores and used + a.cores > cores and busy and busy[0][0] <= a.start + lag:
+            lane = heapq.heappop(busy)[1]
+            prev = last[lane]
+            used -= prev.cores
+            prev.shown_end = max(prev.start, a.start)
+            if taken is None:
+                taken = lane
+            else:
+                heapq.heappush(free, lane)
+        if taken is not None:
+            a.lane = taken
+        elif free:
+            a.lane = heapq.heappop(free)
+        else:
+            a.lane, lanes = lanes, lanes + 1
+        last[a.lane] = a
+        used += a.cores
+        heapq.heappush(busy, (a.end, a.lane))
+    return lanes
+
+
+def _slowest(attempts: list[Attempt]) -> list[Attempt]:
+    latest: dict[str, Attempt] = {}
+    for a in attempts:
+        if a.token not in latest or a.attempt > latest[a.token].attempt:
+            latest[a.token] = a
+    return heapq.nlargest(SLOWEST, latest.values(), key=lambda a: (a.duration, a.token))
+
+
+def _failures(record, states, tasks, session) -> list[Failure]:
+    out = []
+    fetched = 0
+    for name in sorted(n for n, d in states.items() if d.get("state") == "error"):
+        d = states[name]
+        n = int(d.get("attempt") or 0)
+        tail = None
+        if d.get("start") is not None and n > 0:
+            path = record.directory / "logs" / f"{name}.{n}.err"
+            if not path.exists() and session is not None and fetched < MAX_STDERR and name in tasks:
+                fetched += 1
+                try:
+                    from pilotflow.run.sync import fetch_logs
+                    fetch_logs(session, name, n, tasks[name].resource)
+                except Exception:  # noqa: BLE001 - a missing log must not stop the report
+                    pass
+            if path.exists():
+                lines = path.read_text(errors="replace").rstrip("\n").splitlines()
+                tail = "\n".join(lines[-TAIL_LINES:])
+        code = d.get("exit_code")
+        out.append(Failure(name, n, int(code) if code is not None else None, str(d.get("reason") or ""),
+                           d.get("pilot"), d.get("host"), tail))
+    return out
+
+
+# --- the page --------------------------------------------------------------------------------
+
+def render_html(rep: Report) -> str:
+    from pilotflow.report import svg
+    env = jinja2.Environment(loader=jinja2.PackageLoader("pilotflow.report", "."),
+                             autoescape=True, undefined=jinja2.StrictUndefined,
+                             trim_blocks=True, lstrip_blocks=True)
+    env.filters["dur"] = svg.fmt_duration
+    env.filters["clock"] = lambda t: svg.fmt_clock(t, with_date=True)
+    return env.get_template("page.html.j2").render(
+        rep=rep, version=__version__, colours=svg.COLOURS, outcomes=OUTCOMES,
+        timeline=Markup(svg.timeline_svg(rep)), utilisation=Markup(svg.utilisation_svg(rep)),
+        tz=time.strftime("%Z", time.localtime(rep.t0)))

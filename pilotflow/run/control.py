@@ -1,0 +1,138 @@
+"""What a user does to a run besides waiting: sync it, read a token's logs, retry, move work,
+cancel. Each returns what happened; the CLI and the Python API say it in their own way.
+
+Cancelling pilots has one definition (``run.pilots.cancel_pilots``) for the CLI, failover and
+the Snakemake plugin.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from pilotflow.errors import UsageError
+from pilotflow.run.records import RunRecord
+from pilotflow.run.supervisor import submit_followup, sync_run
+from pilotflow.run.pilots import cancel_pilots, refresh_pilots
+from pilotflow.run.sync import Session, Snapshot, fetch_logs, fetch_outputs, sync_states
+from pilotflow.schedulers.base import FINISHED
+
+
+def _quiet(_msg: str) -> None:
+    pass
+
+
+def cancel(record: RunRecord, *, wait_s: float = 15.0) -> tuple[int, dict[str, int]]:
+    """Cancel the run's live pilots; their launchers hand running tokens back on SIGTERM.
+    Returns (pilots cancelled, counts after)."""
+    with Session(record) as s:
+        refresh_pilots(s)
+        live = [p for p in record.pilots.values() if p.job_id and p.state not in FINISHED]
+        cancel_pilots(s, live)
+        record.cancelled = True
+        record.save()
+        # launchers hand their tokens back on SIGTERM; give them a moment, then make sure
+        deadline = time.time() + wait_s
+        while time.time() < deadline:
+            refresh_pilots(s)
+            if all(p.state in FINISHED for p in live):
+                break
+            time.sleep(0.5)
+        for p in live:
+            if p.state not in FINISHED:
+                p.state, p.raw = "cancelled", "cancel requested"
+        record.save()
+        snap = sync_run(s)
+    return len(live), snap.counts(record.tokens)
+
+
+def sync_all(record: RunRecord) -> tuple[Snapshot, int]:
+    """States, pilots and declared outputs; returns the snapshot and how many outputs came."""
+    with Session(record) as s:
+        snap = sync_run(s)
+        return snap, fetch_outputs(s)
+
+
+def status(record: RunRecord) -> tuple[Snapshot, list]:
+    """A sync for ``status``: the snapshot and the events it saw."""
+    with Session(record) as s:
+        snap = sync_run(s)
+        return snap, s.events
+
+
+def status_json(record: RunRecord, snap: Snapshot) -> dict:
+    """The ``status --json`` document of SPEC §3."""
+    counts = snap.counts(record.tokens)
+    tokens = {}
+    for name in record.owners():
+        d = snap.states.get(name, {})
+        tokens[name] = {"state": d.get("state", "todo"), "exit_code": d.get("exit_code"),
+                          "attempts": int(d.get("attempt", 0)), "pilot": d.get("pilot"), "host": d.get("host"),
+                          "start": d.get("start"), "end": d.get("end")}
+    return {"run": record.run, "finished": counts["todo"] == 0 and counts["locked"] == 0,
+            "counts": counts, "tokens": tokens,
+            "pilots": {p.id: {"resource": p.resource, "job_id": p.job_id, "state": p.state}
+                       for p in record.pilots.values()}}
+
+
+def token_logs(record: RunRecord, token: str) -> tuple[dict, dict[str, str]]:
+    """The token's latest state document and its attempt's {"out": ..., "err": ...}."""
+    task = next((t for t in record.tasks() if t.name == token), None)
+    if task is None:
+        raise UsageError(f"run {record.run} has no token '{token}'")
+    with Session(record) as s:
+        snap = sync_states(s)
+        doc = snap.states.get(token)
+        if not doc or not doc.get("attempt"):
+            raise UsageError(f"token '{token}' has not run yet (state: {(doc or {}).get('state', 'todo')})")
+        return doc, fetch_logs(s, token, int(doc["attempt"]), task.resource)
+
+
+@dataclass
+class RetryResult:
+    scrubbed: list[str]  # tokens put back to todo
+    left: int  # todo tokens after the scrub
+    live: int  # pilots still queued or running (they take the work too)
+    submitted: int  # new pilots
+
+
+def retry(record: RunRecord, *, failed: bool = False, stale: bool = False,
+          log: Callable[[str], None] = _quiet) -> RetryResult:
+    """Scrub error / stale tokens back to todo and submit pilots for what is left; every
+    resource gets a fresh chance (failover and follow-up counts are forgotten)."""
+    with Session(record) as s:
+        sync_run(s)
+        scrubbed: list[str] = []
+        opts = (["failed=1"] if failed else []) + (["stale=1"] if stale else [])
+        if opts:
+            for name in record.active_resources():
+                r = s.transport(name).helper("scrub", *opts, python=record.resource(name).python,
+                                             pool=record.pool(name))
+                scrubbed += r["scrubbed"]
+        snap = sync_states(s)
+        record.cancelled = False
+        for state in record.resources.values():
+            state.fresh_chance()
+        live = sum(1 for p in record.pilots.values() if p.state not in FINISHED)
+        left = sum(1 for t in record.tasks() if snap.states.state(t.name) == "todo")
+        submitted = submit_followup(s, snap, "retry", log) if left else 0
+        record.save()
+    return RetryResult(scrubbed=scrubbed, left=left, live=live, submitted=submitted)
+
+
+def move_to(record: RunRecord, dst: str, *, log: Callable[[str], None] = _quiet) -> tuple[list[str], int]:
+    """``retry --move-to``: the todo tokens of other resources go to ``dst``. Returns (moved,
+    how many were asked for)."""
+    from pilotflow.run.failover import move
+    if dst not in record.resources:
+        raise UsageError(f"run {record.run} has no resource '{dst}'; its resources: {', '.join(record.resources)}")
+    with Session(record) as s:
+        snap = sync_run(s)
+        names = [n for n, r in s.owner.items() if r != dst and snap.states.state(n) == "todo"]
+        if not names:
+            return [], 0
+        moved = move(s, names, dst, log=log)
+        record.resources[dst].broken = None
+        record.save()
+    return moved, len(names)

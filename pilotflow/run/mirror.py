@@ -1,0 +1,134 @@
+"""The local mirror of a run's token states under ./.pilotflow/runs/RUN/.
+
+The token states are mirrored in ``states.jsonl``, a journal: each sync appends the states that
+changed in one write (the last record of a token wins; a torn last line from a killed sync is
+ignored) and ``sync.json``, the per-resource sync cursor, is written after it, so a sync killed
+at any point leaves a consistent mirror that the next sync completes. The journal is compacted
+(atomically rewritten) when it holds twice as many records as tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+
+from pilotflow.launcher import dump, read_json, write_atomic
+
+
+def _canonical(doc: dict) -> bytes:
+    return json.dumps(doc, separators=(",", ":"), sort_keys=True).encode()
+
+
+class States(Mapping):
+    """Token name → state document, stored compactly: the canonical JSON bytes of each
+    document (decoded only when asked for) and its state word. A client holding a 100k-token
+    run keeps a few hundred bytes per token instead of a Python dict per token."""
+
+    __slots__ = ("_raw", "_state")
+
+    def __init__(self):
+        self._raw: dict[str, bytes] = {}
+        self._state: dict[str, str] = {}
+
+    def __getitem__(self, name: str) -> dict:
+        return json.loads(self._raw[name])
+
+    def __iter__(self):
+        return iter(self._raw)
+
+    def __len__(self) -> int:
+        return len(self._raw)
+
+    def __contains__(self, name) -> bool:
+        return name in self._raw
+
+    def put(self, name: str, doc: dict | bytes) -> bool:
+        """Store; returns whether it differs from what was there."""
+        raw = doc if isinstance(doc, bytes) else _canonical(doc)
+        if self._raw.get(name) == raw:
+            return False
+        self._raw[name] = raw
+        st = json.loads(raw).get("state", "todo") if isinstance(doc, bytes) else doc.get("state", "todo")
+        self._state[name] = sys.intern(str(st))
+        return True
+
+    def state(self, name: str) -> str:
+        return self._state.get(name, "todo")
+
+    def states(self):
+        """(name, state word) pairs, without decoding documents."""
+        return self._state.items()
+
+    def raw(self, name: str) -> bytes:
+        return self._raw[name]
+
+
+class Mirror:
+    """The local copy of a run's token states (see the module docstring)."""
+
+    def __init__(self, directory: Path):
+        self.dir = directory
+        self.journal = directory / "states.jsonl"
+
+    def states(self) -> States:
+        out = States()
+        try:
+            f = open(self.journal, "rb")
+        except FileNotFoundError:
+            return out
+        with f:
+            for line in f:
+                try:
+                    doc = json.loads(line)
+                    name = doc.pop("token")
+                except (ValueError, KeyError, AttributeError):
+                    continue  # a record torn by an interrupted sync: the next sync re-sends it
+                out.put(name, doc)
+        return out
+
+    def update(self, docs: dict[str, dict], known: States) -> list[str]:
+        """Append the states that differ from ``known`` (which is updated); returns their names."""
+        changed = []
+        records = []
+        for n, d in docs.items():
+            d = {k: v for k, v in d.items() if k != "token"}
+            if known.put(n, d):
+                changed.append(n)
+                records.append(_canonical(dict(d, token=n)).decode())
+        if not changed:
+            return []
+        data = ("\n".join(records) + "\n").encode()
+        fd = os.open(self.journal, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        try:
+            os.write(fd, data)
+        finally:
+            os.close(fd)
+        return changed
+
+    def compact(self, known: States) -> None:
+        """Rewrite the journal with one record per token if it grew past twice that."""
+        try:
+            with open(self.journal, "rb") as f:
+                lines = sum(1 for _ in f)
+        except FileNotFoundError:
+            return
+        if lines <= 2 * max(len(known), 1000):
+            return
+        data = b"".join(known.raw(n)[:-1] + b',"token":' + json.dumps(n).encode() + b"}\n" if known.raw(n) != b"{}"
+                        else _canonical({"token": n}) + b"\n" for n in known)
+        write_atomic(str(self.journal), data)
+
+    def cursor(self) -> dict:
+        return read_json(str(self.dir / "sync.json")) or {}
+
+    def set_cursor(self, cursor: dict) -> None:
+        write_atomic(str(self.dir / "sync.json"), dump(cursor))
+
+    def agents(self) -> dict:
+        return read_json(str(self.dir / "agents.json")) or {}
+
+    def set_agents(self, agents: dict) -> None:
+        write_atomic(str(self.dir / "agents.json"), dump(agents))

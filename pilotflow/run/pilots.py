@@ -1,0 +1,136 @@
+"""Pilots as the schedulers see them: their states, the tokens dead ones still hold, cancelling.
+
+One scheduler call per resource returns every pilot's state. Pilots the scheduler says are
+gone cannot hold tokens: what they still hold is handed back at once instead of waiting for
+their heartbeat to go stale.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+from pilotflow.errors import ExternalError
+from pilotflow.run.events import pilot_events
+from pilotflow.run.records import PilotRecord
+from pilotflow.run.sync import Session
+from pilotflow.schedulers import backend
+from pilotflow.schedulers.base import FINISHED, UNKNOWN
+from pilotflow.transport import run_checked
+
+
+def refresh_pilots(s: Session) -> list[str]:
+    """Ask each scheduler (one call per resource) about the run's unfinished pilots."""
+    record = s.record
+    changed = []
+    by_res: dict[str, list] = {}
+    for p in record.pilots.values():
+        # a resource found broken is not asked again: its scheduler may take a minute to fail
+        if p.job_id and p.state not in FINISHED and not record.broken(p.resource):
+            by_res.setdefault(p.resource, []).append(p)
+    for name, pilots in by_res.items():
+        res = record.resource(name)
+        sched = backend(res)
+        ids = [p.job_id for p in pilots]
+        asked = time.time()
+        try:
+            t = s.transport(name)
+            # with somewhere to fail over to, a failed ask is not retried at once: failover
+            # measures how long the scheduler stays silent, over several asks
+            states = _ask(t, sched, sched.status_argv(ids), sched.parse_status, ids, name,
+                          retry=len(record.resources) == 1)
+        except ExternalError as e:
+            s.errors[name] = e
+            # unreachable since the failed call began (a dead controller takes a while to say so)
+            if record.resources[name].unreachable_since is None:
+                record.resources[name].unreachable_since = asked
+            if len(record.resources) == 1:  # nowhere to fail over to: say so now
+                raise
+            continue
+        s.errors.pop(name, None)
+        missing = [j for j in ids if j not in states]
+        argv = sched.fallback_status_argv(missing) if missing else None
+        if argv:
+            r = t.run(argv)
+            if r.returncode == 0:
+                states.update(sched.parse_fallback_status(r.stdout, missing))
+        agents = s.record.mirror.agents()
+        for p in pilots:
+            st = states.get(p.job_id)
+            if st is None:
+                st_name = _fate_from_pool(p, agents)
+                raw = "not known to the scheduler"
+            else:
+                st_name, raw = st.state, st.raw
+            if st_name != p.state:
+                started = any(a.get("pilot") == p.id for a in agents.values())
+                s.events += pilot_events(p.id, p.state, st_name, started,
+                                         {"resource": p.resource, "job_id": p.job_id, "raw": raw})
+                p.state, p.raw = st_name, raw
+                if st_name in FINISHED:
+                    p.ended = time.time()
+                changed.append(p.id)
+    if changed:
+        record.save()
+    return changed
+
+
+def _ask(t, sched, argv, parse, ids, name, retry: bool = True):
+    try:
+        r = run_checked(t, argv, f"asking {name} about its pilots",
+                        transient=(lambda r: sched.transient(r.returncode, r.stderr)) if retry else None, timeout=60)
+    except ExternalError as e:
+        if "invalid job id" in (e.stderr or "").lower():
+            return {}  # every job id is gone (squeue refuses them all): use the fallback
+        raise
+    return parse(r.stdout, ids)
+
+
+def _fate_from_pool(p, agents: dict) -> str:
+    """A pilot the scheduler no longer knows: its launchers' end records decide."""
+    mine = [a for k, a in agents.items() if a.get("pilot") == p.id]
+    if mine and all("end" in a for a in mine):
+        return "ended"
+    if mine:
+        return "failed"  # it started, and its launchers never said goodbye
+    return UNKNOWN if time.time() - (p.submitted or 0) < 60 else "failed"
+
+
+def release_dead(s: Session) -> list[str]:
+    """Tokens still locked by pilots that are finished go back to todo, right away."""
+    record = s.record
+    out = []
+    for name in record.active_resources():
+        dead = [p.id for p in record.pilots.values() if p.resource == name and p.state in FINISHED]
+        if not dead:
+            continue
+        locked = [n for n, st in s.known.states() if st == "locked" and s.known[n].get("pilot") in dead]
+        if not locked:
+            continue
+        res = record.resource(name)
+        r = s.transport(name).helper("scrub", "stale=1", "pilots=" + json.dumps(dead),
+                                     "names=" + json.dumps(locked),
+                                     "reason=its pilot ended while running it", python=res.python,
+                                     pool=record.pool(name))
+        out += r["scrubbed"]
+    return out
+
+
+def cancel_pilots(s: Session, pilots: list[PilotRecord], *, check: bool = True) -> None:
+    """Ask each resource's scheduler to cancel these pilots, one call per resource.
+    ``check=True``: transient failures are retried, the last failure raised. ``check=False``
+    (a resource given up on): one try, failures ignored — the pilots find their tokens gone
+    and exit by themselves."""
+    by_res: dict[str, list[PilotRecord]] = {}
+    for p in pilots:
+        if p.job_id:
+            by_res.setdefault(p.resource, []).append(p)
+    for name, mine in by_res.items():
+        sched = backend(s.record.resource(name))
+        argv = sched.cancel_argv([p.job_id for p in mine])
+        try:
+            run_checked(s.transport(name), argv, f"cancelling pilots on {name}",
+                        transient=(lambda r: sched.transient(r.returncode, r.stderr)) if check else None)
+        except ExternalError:
+            if check:
+                raise

@@ -1,0 +1,231 @@
+"""Creating a run: pools on the resources, staged inputs, rendered scripts, submitted pilots.
+
+The same functions submit follow-up pilots for ``retry`` and for ``wait`` when every pilot of
+a resource ended with work left.
+"""
+
+from __future__ import annotations
+
+import glob
+import time
+from dataclasses import replace
+from pathlib import Path, PurePosixPath
+from typing import Callable
+
+from pilotflow.bundle import Bundle, Resource, Task, task_nodes
+from pilotflow.errors import BundleError, ExternalError, UsageError
+from pilotflow.launcher import Pool, dump
+from pilotflow.planning.plan import Plan, make_plan
+from pilotflow.render import default_root, pool_path, render_pilot
+from pilotflow.run.records import PilotRecord, ResourceState, RunRecord, new_run_id, runs_dir
+from pilotflow.schedulers import backend
+from pilotflow.schedulers.base import job_name
+from pilotflow.transport import RETRY_DELAYS, Transport, connect
+
+
+def token_def(t: Task, rank: int, res: Resource | None = None) -> dict:
+    d = {"name": t.name, "command": t.command, "cores": t.cores, "walltime": t.walltime_s,
+         "memory": t.memory_mb or 0, "env": [list(kv) for kv in t.env], "after": list(t.after),
+         "retries": t.retries, "rank": rank}
+    if t.nodes > 1 or t.mpi:
+        k = task_nodes(t, res.cores_per_node if res else None)
+        d["nodes"] = k
+        d["mpi"] = t.mpi
+        if t.mpi:
+            if t.nodes > 1:  # whole nodes: ranks_per_node ranks on each (default: the task's cores)
+                per_node = t.ranks_per_node or t.cores
+                d.update(ranks_per_node=per_node, ranks=k * per_node)
+            elif k > 1:  # cores beyond one node: one rank per core, nodes filled in turn
+                d.update(ranks_per_node=res.cores_per_node, ranks=t.cores)
+            else:
+                d.update(ranks=t.ranks_per_node or t.cores)
+    return d
+
+
+def new_run(bundle: Bundle, *, cwd: Path | None = None, dry_run: bool = False,
+            launcher_args: list[str] = (), log: Callable[[str], None] = lambda _msg: None,
+            connect: Callable[[Resource], Transport] = connect) -> tuple[RunRecord, Plan]:
+    """Plan, create the run's pools, stage inputs and submit its pilots. ``connect`` says how
+    a resource is reached (tests give a fake)."""
+    plan = make_plan(bundle)
+    inputs = staged_inputs(bundle)
+    run = new_run_id(bundle.name)
+    directory = runs_dir(cwd) / run
+    record = RunRecord(run=run, bundle=bundle.name, bundle_path=str(bundle.path or ""),
+                       base_dir=str(bundle.base_dir), created=time.time(), lock_timeout=bundle.lock_timeout_s,
+                       resources={}, tokens=len(bundle.tasks), on_change=bundle.on_change,
+                       on_finish=bundle.on_finish, directory=directory)
+    if dry_run:
+        return record, plan
+    directory.mkdir(parents=True, exist_ok=True)
+    # tasks are saved pinned to the resource that got them: their pool lives there
+    where = {i: rp.resource.name for rp in plan.resources for i in rp.tasks}
+    record.save_tasks([replace(t, resource=where[i]) for i, t in enumerate(bundle.tasks)])
+    transports: dict[str, Transport] = {}
+    for res in bundle.resources:  # all of them: a failover may send work where none went yet
+        record.resources[res.name] = ResourceState.of(res)
+    try:
+        for rp in plan.resources:
+            res = rp.resource
+            t = transports[res.name] = connect(res)
+            pool = pool_path(res, resolve_root(res, t, bundle.base_dir), run, record.pools_taken())
+            record.resources[res.name] = ResourceState.of(res, pool)
+            record.save()
+            defs = [token_def(bundle.tasks[i], plan.rank[i], res) for i in sorted(rp.tasks, key=plan.rank.get)]
+            create_pool(t, pool, {"run": run, "lock_timeout": bundle.lock_timeout_s, "resource": res.name,
+                                  "created": record.created}, defs)
+            n = stage(t, bundle.base_dir, [p for i in rp.tasks for p in inputs.get(i, [])], pool)
+            if n:
+                log(f"staged {n} input file(s) to {res.name}:{pool}/work")
+        submit_pilots(record, plan, transports, launcher_args=launcher_args, log=log)
+    finally:
+        record.save()
+        for t in transports.values():
+            t.close()
+    return record, plan
+
+
+def resolve_root(res: Resource, t: Transport, base_dir: Path) -> str:
+    root = default_root(res, base_dir)
+    if res.remote:
+        root = t.expand(root)
+    return root
+
+
+def create_pool(t: Transport, pool: str, meta: dict, defs: list[dict]) -> None:
+    if not t.remote:  # this machine: the launcher's own pool code, in-process
+        Pool.create(pool, meta).add_defs(defs)
+        return
+    t.mkdirs([f"{pool}/{d}" for d in Pool.SUBDIRS] + [f"{pool}/pilots"])
+    t.write_file(f"{pool}/run.json", dump(meta))
+    t.write_file(f"{pool}/defs/000000.json", dump(defs))
+
+
+def staged_inputs(bundle: Bundle) -> dict[int, list[str]]:
+    """Task index → input files (relative to the bundle), globs expanded; errors if missing."""
+    base = bundle.base_dir
+    out: dict[int, list[str]] = {}
+    problems = []
+    for i, t in enumerate(bundle.tasks):
+        files: list[str] = []
+        for pattern in t.inputs:
+            rel = PurePosixPath(pattern)
+            if rel.is_absolute() or ".." in rel.parts:
+                problems.append(f"{bundle.where(t.origin + ('inputs',))} task '{t.name}': input \"{pattern}\" "
+                                "must be a path inside the bundle's directory (no absolute paths, no ..)")
+                continue
+            hits = sorted(glob.glob(str(base / pattern), recursive=True))
+            if not hits:
+                problems.append(f"{bundle.where(t.origin + ('inputs',))} task '{t.name}': input \"{pattern}\" "
+                                f"matches no file in {base}")
+            for h in hits:
+                p = Path(h)
+                files.extend(str(f.relative_to(base)) for f in ([p] if p.is_file() else sorted(p.rglob("*")))
+                             if f.is_file())
+        if files:
+            out[i] = files
+    if problems:
+        raise BundleError(sorted(set(problems)))
+    return out
+
+
+def stage(t: Transport, base: Path, files: list[str], pool: str) -> int:
+    """Copy inputs to POOL/work keeping their relative paths; unchanged files are skipped."""
+    return sum(t.put(base / f, f"{pool}/work/{f}") for f in dict.fromkeys(files))
+
+
+def submit_pilots(record: RunRecord, plan: Plan, transports: dict[str, Transport], *,
+                  launcher_args: list[str] = (), log: Callable[[str], None] = lambda _msg: None) -> list[PilotRecord]:
+    """Write plans and scripts into the pools and submit, stage after stage (a later stage
+    waits for the earlier one through the scheduler's own job dependencies)."""
+    names = [t.name for t in plan.bundle.tasks]
+    done = []
+    for rp in plan.resources:
+        res = rp.resource
+        t = transports[res.name]
+        pool = record.pool(res.name)
+        sched = backend(res)
+        previous: list[str] = []
+        for stage_no in sorted({p.stage for p in rp.pilots}):
+            current = []
+            for p in (p for p in rp.pilots if p.stage == stage_no):
+                p.id = record.new_pilot_id()
+                t.write_file(f"{pool}/plans/{p.id}.json",
+                             dump({"pilot": p.id, "tokens": [names[i] for i in p.tasks], "stage": p.stage}))
+                script = render_pilot(p, res, record.run, pool, launcher_args=list(launcher_args))
+                path = f"{pool}/pilots/{p.id}.sh"
+                t.write_file(path, script.encode(), mode=0o755)
+                rec = PilotRecord(id=p.id, resource=res.name, nodes=p.nodes, cores_per_node=p.cores_per_node,
+                                  walltime_s=p.walltime_s, stage=p.stage, tasks=len(p.tasks))
+                record.add_pilot(rec)
+                rec.job_id = submit_once(t, sched, path, previous, job_name(record.run, p.id),
+                                         f"submitting pilot {p.id} to {res.name}", f"{pool}/pilots")
+                rec.submitted = time.time()
+                rec.state = "queued"
+                record.save()
+                current.append(rec.job_id)
+                done.append(rec)
+                log(f"submitted pilot {p.id} to {res.name} ({res.scheduler} job {rec.job_id}): "
+                    f"{p.nodes} node(s), {len(p.tasks)} task(s), walltime {p.walltime_s} s"
+                    + (f", after stage {stage_no - 1}" if previous else ""))
+            previous = current
+    return done
+
+
+def submit_once(t: Transport, sched, script: str, after: list[str], name: str, what: str, cwd: str) -> str:
+    """Submit a pilot exactly once. A submission is not idempotent: if the connection breaks
+    while it runs, we do not know whether the job exists, so we look for it by its unique
+    name before trying again, and adopt it if it is there."""
+    argv = sched.submit_argv(script, after=after)
+    for delay in RETRY_DELAYS + (None,):
+        try:
+            r = t.run(argv, cwd=cwd, idempotent=False)
+        except ExternalError as e:
+            if not e.transient or delay is None:
+                raise
+            found = _find(t, sched, name)
+            if found:
+                return found
+            time.sleep(delay)
+            continue
+        if r.returncode == 0:
+            try:
+                return sched.parse_submit(r.stdout)
+            except ValueError as e:
+                raise ExternalError(str(e), argv=argv, returncode=r.returncode, stdout=r.stdout,
+                                    stderr=r.stderr) from None
+        if delay is None or not sched.transient(r.returncode, r.stderr):
+            raise ExternalError(f"{what} failed on {t.label}", argv=argv, returncode=r.returncode,
+                                stdout=r.stdout, stderr=r.stderr)
+        found = _find(t, sched, name)  # a controller that timed out may still have queued it
+        if found:
+            return found
+        time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+def _find(t: Transport, sched, name: str) -> str | None:
+    argv = sched.find_argv(name)
+    if not argv:
+        return None
+    for _ in range(3):
+        try:
+            r = t.run(argv)
+        except ExternalError:
+            time.sleep(1.0)
+            continue
+        ids = [x.strip() for x in r.stdout.split() if x.strip()] if r.returncode == 0 else []
+        return ids[0] if ids else None
+    return None
+
+
+def plan_remaining(record: RunRecord, names: set[str]) -> Plan:
+    """A plan for the tasks ``names`` of a run, on the resources holding their pools."""
+    tasks = record.tasks()  # pinned to their resource when the run was created
+    resources = [record.resource(n) for n in record.resources]
+    bundle = Bundle(name=record.bundle, tasks=tasks, resources=resources, lock_timeout_s=record.lock_timeout,
+                    path=Path(record.bundle_path) if record.bundle_path else None)
+    idx = [i for i, t in enumerate(tasks) if t.name in names]
+    if not idx:
+        raise UsageError("nothing left to run")
+    return make_plan(bundle, only=idx)

@@ -1,0 +1,219 @@
+"""Bringing a run's truth home: token states, logs and outputs (pilots: ``run.pilots``).
+
+One helper call per resource returns every state file changed since the last sync (the
+launcher file is the remote helper); outputs come back in the background while ``wait`` runs.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from pilotflow.errors import ExternalError
+from pilotflow.run.events import token_events
+from pilotflow.run.mirror import States
+from pilotflow.run.records import RunRecord
+from pilotflow.bundle import Resource
+from pilotflow.transport import Transport, connect
+
+
+@dataclass
+class Snapshot:
+    states: "States"  # token → state document (the mirror after this sync), stored compactly
+    changed: list[str]
+    agents: dict[str, dict]
+    pilots_changed: list[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        if not isinstance(self.states, States):  # a plain dict (tests, the Python API)
+            store = States()
+            for name, doc in self.states.items():
+                store.put(name, doc)
+            self.states = store
+
+    def counts(self, total: int) -> dict[str, int]:
+        c = {"todo": 0, "locked": 0, "done": 0, "error": 0}
+        for _, st in self.states.states():
+            c[st] = c.get(st, 0) + 1
+        c["todo"] += total - len(self.states)
+        return c
+
+
+class Session:
+    """The transports of one command invocation: one connection per resource, reused."""
+
+    def __init__(self, record: RunRecord, connect: Callable[[Resource], Transport] = connect):
+        self.record = record
+        self.connect = connect  # how a resource is reached (tests give a fake)
+        self._t: dict[str, Transport] = {}
+        self.errors: dict[str, Exception] = {}  # resource → its last failure in this command
+        self.events: list = []  # state-change events seen by this command, for callbacks and hooks
+        self.known = record.mirror.states()
+        self.reload_owners()
+
+    def reload_owners(self) -> None:
+        """Which resource each token belongs to now (tokens move on failover)."""
+        self.owner = self.record.owners()
+
+    def transports(self) -> "LazyTransports":
+        """The transports as a mapping, connected only for the resources actually used."""
+        return LazyTransports(self)
+
+    def transport(self, resource: str) -> Transport:
+        if resource not in self._t:
+            self._t[resource] = self.connect(self.record.resource(resource))
+        return self._t[resource]
+
+    def close(self) -> None:
+        for t in self._t.values():
+            t.close()
+        self._t.clear()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class LazyTransports(dict):
+    """A session's transports by resource name, each connected on first use."""
+
+    def __init__(self, s: Session):
+        super().__init__()
+        self.s = s
+
+    def __missing__(self, name: str):
+        return self.s.transport(name)
+
+
+def sync_states(s: Session) -> Snapshot:
+    """Mirror every state changed since the last sync, resource by resource."""
+    record = s.record
+    mirror = record.mirror
+    cursor = mirror.cursor()
+    changed: list[str] = []
+    agents: dict[str, dict] = {}
+    for name in record.active_resources():
+        res = record.resource(name)
+        t = s.transport(name)
+        since = cursor.get(name)
+        try:
+            doc = t.helper("changes", *([repr(since)] if since is not None else []), python=res.python,
+                           pool=record.pool(name))
+        except ExternalError as e:
+            s.errors[name] = e
+            if len(record.resources) == 1:  # nowhere to fail over to: say so now
+                raise
+            continue  # another resource may still report; failover decides what to do
+        s.errors.pop(name, None)
+        # a pool reports only the tokens that belong to its resource now (a token moved away
+        # leaves a "moved" record behind, which is not its state any more)
+        mine = {n: d for n, d in doc["states"].items() if s.owner.get(n) == name}
+        old = {n: s.known[n] for n in mine if n in s.known}
+        new_changes = mirror.update(mine, s.known)
+        for n in new_changes:
+            s.events += token_events(n, old.get(n), mine[n])
+        changed += new_changes
+        for k, v in doc["agents"].items():
+            agents[k] = dict(v, resource=name)
+        cursor[name] = doc["now"]
+    mirror.set_agents(agents)
+    mirror.set_cursor(cursor)  # after the states: an interrupted sync is simply redone
+    mirror.compact(s.known)
+    return Snapshot(states=s.known, changed=changed, agents=agents)
+
+
+def fetch_logs(s: Session, token: str, attempt: int, resource: str) -> dict[str, str]:
+    """stdout and stderr of one attempt, copied into the mirror and returned."""
+    record = s.record
+    t = s.transport(resource)
+    out = {}
+    for ext in ("out", "err"):
+        local = record.directory / "logs" / f"{token}.{attempt}.{ext}"
+        local.parent.mkdir(parents=True, exist_ok=True)
+        if t.get(f"{record.pool(resource)}/logs/{token}.{attempt}.{ext}", local):
+            out[ext] = local.read_text(errors="replace")
+        else:
+            out[ext] = local.read_text(errors="replace") if local.exists() else ""
+    return out
+
+
+def fetch_outputs(s: Session, names: list[str] | None = None) -> int:
+    """Declared outputs of done tokens, copied beside the bundle (same relative paths)."""
+    record = s.record
+    base = Path(record.base_dir)
+    n = 0
+    for task in record.tasks():
+        if not task.outputs or (names is not None and task.name not in names):
+            continue
+        if s.known.state(task.name) != "done":
+            continue
+        t = s.transport(task.resource)
+        for rel in task.outputs:
+            if _inside(base, base / rel):
+                n += bool(t.get(f"{record.pool(task.resource)}/work/{rel}", base / rel))
+    return n
+
+
+def _inside(base: Path, path: Path) -> bool:
+    """Whether ``path`` resolves (symbolic links followed) to a place inside ``base``."""
+    try:
+        return path.resolve().is_relative_to(base.resolve())
+    except OSError:
+        return False
+
+
+class OutputFetcher:
+    """Brings declared outputs home in the background while ``wait`` runs, several at once,
+    as their tokens finish (BigJobAsync-style asynchronous staging): the last output lands
+    seconds after the last task, not after a serial copy at the end."""
+
+    def __init__(self, s: Session, workers: int = 4):
+        from concurrent.futures import ThreadPoolExecutor
+        self.s = s
+        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="pf-out")
+        self.futures = []
+        self.done: set[str] = set()
+        self.tasks = {t.name: t for t in s.record.tasks() if t.outputs}
+        self.local = threading.local()
+        self.errors: list[str] = []
+
+    def submit(self, names) -> None:
+        for n in names:
+            t = self.tasks.get(n)
+            if t is None or n in self.done or self.s.known.state(n) != "done":
+                continue
+            self.done.add(n)
+            self.futures.append(self.pool.submit(self._fetch, t))
+
+    def _fetch(self, task) -> int:
+        record = self.s.record
+        t = self.s.transport(task.resource)
+        sftp = None
+        if getattr(t, "open_extra_sftp", None):
+            chans = getattr(self.local, "sftp", None) or {}
+            sftp = chans.get(task.resource)
+            if sftp is None:
+                sftp = chans[task.resource] = t.open_extra_sftp()
+                self.local.sftp = chans
+        n = 0
+        for rel in task.outputs:
+            remote = f"{record.pool(task.resource)}/work/{rel}"
+            if not _inside(Path(record.base_dir), Path(record.base_dir) / rel):
+                self.errors.append(f"{task.name}: {rel}: not written, it would land outside {record.base_dir} "
+                                   "(through a symbolic link)")
+                continue
+            try:
+                n += bool(t.get(remote, Path(record.base_dir) / rel, sftp=sftp) if sftp else
+                          t.get(remote, Path(record.base_dir) / rel))
+            except OSError as e:
+                self.errors.append(f"{task.name}: {rel}: {e}")
+        return n
+
+    def finish(self) -> int:
+        total = sum(f.result() for f in self.futures)
+        self.pool.shutdown()
+        return total

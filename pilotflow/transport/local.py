@@ -1,0 +1,86 @@
+"""This machine as a resource: subprocesses, plain file operations, and the launcher's
+helpers called in-process (the same code the remote side runs)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+from pilotflow.transport.base import Result, Transport
+
+
+class LocalTransport(Transport):
+    """This machine: subprocesses, plain file operations, and the launcher's helpers called
+    in-process (the same code the remote side runs)."""
+
+    def run(self, argv, *, input=None, cwd=None, timeout=120, idempotent=True):
+        try:
+            p = subprocess.run(argv, input=input, cwd=cwd, capture_output=True, timeout=timeout)
+        except FileNotFoundError:
+            return Result(argv, 127, "", f"{argv[0]}: command not found")
+        except subprocess.TimeoutExpired:
+            return Result(argv, 124, "", f"timed out after {timeout:.0f} s")
+        return Result(argv, p.returncode, p.stdout.decode("utf-8", "replace"), p.stderr.decode("utf-8", "replace"))
+
+    def write_file(self, path, data, mode=0o644):
+        from pilotflow.launcher import write_atomic
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, data)
+        os.chmod(path, mode)
+
+    def mkdirs(self, paths):
+        for p in paths:
+            os.makedirs(p, exist_ok=True)
+
+    def read_file(self, path):
+        try:
+            return Path(path).read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def put(self, local, remote):
+        dst = Path(remote)
+        st = local.stat()
+        try:
+            dt = dst.stat()
+            if dt.st_size == st.st_size and int(dt.st_mtime) == int(st.st_mtime):
+                return False
+        except FileNotFoundError:
+            pass
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
+        shutil.copy2(local, tmp)
+        os.replace(tmp, dst)
+        return True
+
+    def get(self, remote, local):
+        src = Path(remote)
+        if not src.exists():
+            return False
+        return self.put(src, str(local))
+
+    def helper(self, command, *args, python="python3", pool=""):
+        from pilotflow import launcher
+        if command == "changes":
+            since = float(args[0]) if args else None
+            return launcher.changes(launcher.Pool(pool), since)
+        if command == "scrub":
+            opts = dict(a.split("=", 1) for a in args)
+            names = set(json.loads(opts["names"])) if "names" in opts else None
+            pilots = set(json.loads(opts["pilots"])) if "pilots" in opts else None
+            done = launcher.Pool(pool).scrub(failed=opts.get("failed") == "1", stale=opts.get("stale") == "1",
+                                             names=names, timeout=float(opts["timeout"]) if "timeout" in opts
+                                             else None, reason=opts.get("reason", ""), pilots=pilots)
+            return {"scrubbed": done}
+        if command == "move":
+            opts = dict(a.split("=", 1) for a in args)
+            return {"moved": launcher.Pool(pool).move_out(json.loads(opts["names"]), opts["to"])}
+        if command == "info":
+            return launcher.info()
+        raise ValueError(command)
+
+    def expand(self, path):
+        return os.path.expanduser(path)
