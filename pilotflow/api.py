@@ -46,7 +46,7 @@ def plan_for(b: Bundle, **kw) -> Plan:
 
 def start(b: Bundle, *, cwd: str | os.PathLike | None = None, log: Callable[[str], None] | None = None) -> "Run":
     """Create the run (pools, inputs, pilots) and return it; nothing is waited for."""
-    from pilotflow.run.submit import new_run
+    from pilotflow.run.start import new_run
     cwd = Path(cwd) if cwd else Path.cwd()
     record, _ = new_run(b, cwd=cwd, log=log or (lambda _msg: None))
     return Run(record.run, cwd)
@@ -87,10 +87,10 @@ class Run:
         """The ``status --json`` document (SPEC §3), after a sync."""
         from pilotflow.run.control import status, status_json
         record = self._record()
-        snap, events = status(record)
-        for e in events:
+        st = status(record)
+        for e in st.events:
             self._dispatch(e)
-        return status_json(record, snap)
+        return status_json(record, st.snap, st.state, st.reason)
 
     def wait(self, *, view=None) -> dict:
         """Until every token is done or error, calling the callbacks as things change;

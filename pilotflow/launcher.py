@@ -19,6 +19,12 @@ Pool layout (``POOL`` = ROOT/RUN on the resource's shared filesystem)::
     agents/PILOT.I.end       written when that launcher exits, with the reason
     logs/TOKEN.N.out|.err    stdout / stderr of attempt N
     work/                    the tasks' working directory (unless run.json names another)
+    pilots/renew.json|.sh    how a pilot on this resource submits its successor (written at submit)
+    followups/NNNNNN.json    follow-up round N: created exclusively by whoever submits it (a pilot
+                             or the client's ``wait``), then its outcome; base.json: rounds up to
+                             it do not count against the budget (``retry``)
+    agents/PILOT.gone        the client saw the pilot finish (it will never start)
+    cancelled                the user cancelled the run: nobody submits follow-ups
 
 States are PiCaS's: ``todo`` (no state file also means todo), ``locked``, ``done``, ``error``.
 A token runs only after its claim file for the next attempt was created exclusively, so no
@@ -28,11 +34,19 @@ tmp-file + rename (atomic on POSIX filesystems, NFS and Lustre included); nothin
 on the hot path.
 
 Commands: ``run`` (be a pilot's node agent) and helpers the client calls, locally or over
-SSH, in one round trip each: ``changes``, ``scrub``, ``info``.
+SSH, in one round trip each: ``changes``, ``scrub``, ``move``, ``round``, ``info``.
+
+Renewal: a launcher that ends (walltime nearly over, or nothing it can fit) while its run
+still has work that no live pilot will take submits a follow-up pilot from the node, with the
+resource's own submit command as ``pilots/renew.json`` spells it, sized from what is left and
+the runtimes observed so far. Rounds are numbered and claimed exclusively; a round proceeds
+only once every earlier round has an outcome, and then only if nobody is alive to take the
+work, so pilots ending together (and the client's ``wait``) submit each round once.
 """
 
 import errno
 import json
+import math
 import os
 import select
 import signal
@@ -98,7 +112,7 @@ def fs_now(directory):
 class Pool(object):
     """A run's token pool on a (shared) filesystem."""
 
-    SUBDIRS = ("defs", "plans", "state", "claims", "returns", "agents", "logs", "work")
+    SUBDIRS = ("defs", "plans", "state", "claims", "returns", "agents", "logs", "work", "followups", "pilots")
 
     def __init__(self, root):
         self.root = os.path.abspath(root)
@@ -577,7 +591,7 @@ class Agent(object):
         mine = plans.get(self.pilot, {})
         self.stage = mine.get("stage", self.stage)
         owner_stage = {}
-        for p in sorted(plans.values(), key=lambda d: _pilot_number(d["pilot"])):
+        for p in sorted(plans.values(), key=lambda d: (d.get("created", 0), _pilot_number(d["pilot"]))):
             for name in p.get("tokens", []):
                 owner_stage[name] = (p["pilot"], p.get("stage", 0))
         own_order = dict((n, i) for i, n in enumerate(mine.get("tokens", [])))
@@ -696,6 +710,8 @@ class Agent(object):
             self.wait(sleep)
             sleep = min(sleep * 1.5, 5.0)
         self.shutdown()
+        if self.stopping != "term":  # a cancel or a kill is not a reason to carry on
+            self.renew()
         return 0
 
     def fill(self):
@@ -1206,6 +1222,73 @@ class Agent(object):
                 except OSError:
                     pass
 
+    def renew(self):
+        """Submit the next follow-up round if the run's work would otherwise stop with us (see
+        the module docstring). Why it did not, when work is left, goes into our end record."""
+        spec = read_json(self.pool.path("pilots", "renew.json"))
+        if not spec or os.path.exists(self.pool.path("cancelled")):
+            return
+        try:
+            note = self._renew(spec)
+        except Exception as e:  # noqa: BLE001 - renewal must never break the launcher's exit
+            note = "renewal failed: %s: %s" % (type(e).__name__, e)
+        if note:
+            sys.stderr.write("pilotflow-launcher %s: %s\n" % (self.key, note))
+            end = read_json(self.pool.path("agents", self.key + ".end")) or {}
+            end["renewal"] = note
+            try:
+                write_atomic(self.pool.path("agents", self.key + ".end"), dump(end))
+            except OSError:
+                pass
+
+    def _renew(self, spec):
+        pool, me = self.pool, self.key
+        if live_pilots(pool, me):
+            return None  # a live pilot takes what is left (and renews in its turn)
+        defs = pool.defs()
+        dead = pool.dead_agents(self.lock_timeout)
+        if not work_left(pool, defs, pool.states(), dead):
+            return None
+        budget = int(spec.get("max_follow_ups", 3))
+        mine = pool.plans().get(self.pilot, {})
+        if mine.get("round"):
+            ran = sum(int((a.get("end") or {}).get("ran", 0)) for a in pool.agents().values()
+                      if a.get("pilot") == self.pilot)
+            if not ran:
+                return "follow-up pilot %s ran nothing: not renewing it (pilotflow wait or retry goes on)" % self.pilot
+        if rounds_spent(pool) >= budget:
+            return "work is left but the follow-up budget (max_follow_ups = %d) is spent" % budget
+        k = claim_round(pool, me)
+        if k is None:
+            return None  # another launcher (or the client) does this round
+        until = time.time() + ROUND_WAIT
+        if self.deadline is not None:
+            until = min(until, self.deadline - 1.0)
+        if not wait_earlier_rounds(pool, k, until, beat=self.touch):
+            end_round(pool, k, "void", reason="an earlier round was still being submitted")
+            return None
+        states = pool.states()
+        left = work_left(pool, defs, states, pool.dead_agents(self.lock_timeout))
+        if live_pilots(pool, me) or not left:
+            end_round(pool, k, "void", reason="a live pilot takes the work" if left else "no work left")
+            return None
+        if rounds_spent(pool) >= budget:
+            end_round(pool, k, "void", reason="budget spent")
+            return "work is left but the follow-up budget (max_follow_ups = %d) is spent" % budget
+        ratio = observed_ratio(defs, states)
+        stage = max([p.get("stage", 0) for p in pool.plans().values()] or [0])
+        done, error = submit_round(pool, spec, k, size_round(spec, left, ratio), stage)
+        end_round(pool, k, "done" if done else "failed", pilots=done, ratio=ratio, error=error, tokens=len(left))
+        if error:
+            return "submitting follow-up round %d from %s failed: %s" % (k, self.host, error)
+        return None
+
+    def touch(self):
+        try:
+            os.utime(self.pool.path("agents", self.key + ".json"), None)
+        except OSError:
+            pass
+
     def tell_reaper(self, line):
         if self.reaper is not None:
             try:
@@ -1240,6 +1323,243 @@ class Agent(object):
         if self.reaper is not None:
             os.close(self.reaper)
             self.reaper = None
+
+
+# --- renewal: follow-up rounds ---------------------------------------------------------------
+
+ROUND_STALE = 300.0  # a round claimed this long ago with no outcome: its claimant died
+ROUND_WAIT = 60.0  # how long a claimant waits for earlier rounds' outcomes
+
+
+def rounds(pool):
+    """Follow-up rounds: number → record (``state``: claimed | done | void | failed)."""
+    out = {}
+    try:
+        names = os.listdir(pool.path("followups"))
+    except OSError:
+        return out
+    for fn in names:
+        if fn.endswith(".json") and fn[:-5].isdigit():
+            doc = read_json(pool.path("followups", fn))
+            out[int(fn[:-5])] = doc if isinstance(doc, dict) else {"state": "claimed", "time": 0}
+    return out
+
+
+def rounds_spent(pool, recs=None):
+    """Rounds that submitted pilots since the last ``retry`` (the follow-up budget's count)."""
+    recs = rounds(pool) if recs is None else recs
+    base = int((read_json(pool.path("followups", "base.json")) or {}).get("base", 0))
+    return sum(1 for k, d in recs.items() if k > base and d.get("state") == "done")
+
+
+def claim_round(pool, by):
+    """Claim the next follow-up round exclusively; its number, or None if another claimant
+    took that number first (it will do the round)."""
+    mkdirs(pool.path("followups"))
+    recs = rounds(pool)
+    k = max(recs) + 1 if recs else 1
+    doc = {"round": k, "state": "claimed", "by": by, "host": socket.gethostname(), "time": time.time()}
+    try:
+        fd = os.open(pool.path("followups", "%06d.json" % k), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except OSError as e:
+        if e.errno == errno.EEXIST:
+            return None
+        raise
+    try:
+        os.write(fd, dump(doc))
+    finally:
+        os.close(fd)
+    return k
+
+
+def round_open(pool, doc, agents=None, now=None):
+    """Whether a claimed round may still be submitting: it was claimed less than ROUND_STALE
+    ago and, when a launcher claimed it, that launcher still beats (it has written its end
+    record already: it renews on its way out, beating while it does)."""
+    if doc.get("state") != "claimed":
+        return False
+    now = time.time() if now is None else now
+    if now - float(doc.get("time") or 0) >= ROUND_STALE:
+        return False
+    agents = pool.agents() if agents is None else agents
+    a = agents.get(doc.get("by") or "")
+    return a is None or fs_now(pool.path("agents")) - a["beat"] <= pool.lock_timeout()
+
+
+def wait_earlier_rounds(pool, k, until, beat=None):
+    """Wait (until ``until``) for every round before ``k`` to have an outcome; True if they do.
+    ``beat`` is called meanwhile (a launcher's heartbeat: its own round stays open)."""
+    while True:
+        if beat is not None:
+            beat()
+        agents = pool.agents()
+        if not [j for j, d in rounds(pool).items() if j < k and round_open(pool, d, agents)]:
+            return True
+        if time.time() >= until:
+            return False
+        time.sleep(0.2)
+
+
+def end_round(pool, k, state, **info):
+    doc = read_json(pool.path("followups", "%06d.json" % k)) or {"round": k}
+    doc.update(info, state=state, ended=time.time())
+    write_atomic(pool.path("followups", "%06d.json" % k), dump(doc))
+    return doc
+
+
+def live_pilots(pool, me=None, now=None):
+    """Pilots that are running (a launcher with a fresh heartbeat) or may still start (queued:
+    planned, no launcher yet, not seen finished by the client, and — for a follow-up — its
+    round submitted it or is still submitting), other than the launcher ``me``."""
+    agents = pool.agents()
+    now = fs_now(pool.path("agents")) if now is None else now
+    timeout = pool.lock_timeout()
+    live = set()
+    started = set()
+    for key, a in agents.items():
+        pilot = a.get("pilot") or key.rsplit(".", 1)[0]
+        started.add(pilot)
+        if key != me and "end" not in a and now - a["beat"] <= timeout:
+            live.add(pilot)
+    gone = set(fn[:-5] for fn in os.listdir(pool.path("agents")) if fn.endswith(".gone"))
+    recs = rounds(pool)
+    for pilot, plan in pool.plans().items():
+        if pilot in started or pilot in gone or plan.get("void"):
+            continue
+        k = plan.get("round")
+        if k is not None:
+            rec = recs.get(int(k), {})
+            submitted = pilot in [p.get("id") for p in rec.get("pilots") or ()]
+            if not (submitted or round_open(pool, rec, agents)):
+                continue  # its submission failed or its submitter died before it
+        live.add(pilot)
+    return live
+
+
+def work_left(pool, defs, states, dead):
+    """Definitions of the tokens nobody alive will finish: todo ones, and those locked by a
+    launcher in ``dead`` (they are taken over once stale)."""
+    out = []
+    for d in defs:
+        doc = states.get(d["name"])
+        st = doc.get("state") if doc else TODO
+        if st == TODO or (st == LOCKED and agent_key(doc) in dead):
+            out.append(d)
+    return out
+
+
+def observed_ratio(defs, states):
+    """Median of (observed runtime / estimate) over done tokens: how wrong the estimates are."""
+    est = dict((d["name"], float(d.get("walltime", 600))) for d in defs)
+    ratios = sorted((float(doc["end"]) - float(doc["start"])) / est[n]
+                    for n, doc in states.items()
+                    if doc.get("state") == DONE and n in est and est[n] > 0
+                    and doc.get("start") is not None and doc.get("end") is not None)
+    if not ratios:
+        return 1.0
+    return min(20.0, max(0.25, ratios[len(ratios) // 2]))
+
+
+def size_round(spec, left, ratio):
+    """Pilots for the work ``left`` (token definitions in rank order): a list of (nodes,
+    walltime seconds (0: no limit), token names), as the resource's limits allow. Runtimes
+    are the estimates times ``ratio`` (what was observed so far)."""
+    cpn = int(spec["cores_per_node"])
+    max_nodes = int(spec.get("max_nodes") or 1)
+    wmax = spec.get("max_walltime")
+    margin = float(spec.get("margin", 0.05))
+    overhead = float(spec.get("overhead", 20))
+    step = int(spec.get("walltime_step") or 1)
+    runtime = dict((d["name"], float(d.get("walltime", 600)) * ratio) for d in left)
+    width = dict((d["name"], cpn * int(d.get("nodes", 1)) if int(d.get("nodes", 1)) > 1
+                  else min(cpn, int(d.get("cores", 1)))) for d in left)
+    widest = max(-(-width[n] // cpn) for n in runtime)
+    node_s = sum(width[n] * runtime[n] for n in runtime) / float(cpn)
+    if wmax is None:
+        return [(max(1, min(max_nodes, widest)), 0, [d["name"] for d in left])]
+    cap = max(float(wmax) / (1 + margin) - overhead, max(runtime.values()), 1.0)
+    nodes_total = max(widest, int(math.ceil(node_s / cap)))
+    n_pilots = max(1, int(math.ceil(nodes_total / float(max_nodes))))
+    if spec.get("max_pilots"):
+        n_pilots = min(n_pilots, int(spec["max_pilots"]))
+    nodes = min(max_nodes, max(widest, int(math.ceil(nodes_total / float(n_pilots)))))
+    share = node_s / n_pilots
+    chunks, cur, acc = [], [], 0.0
+    for d in left:
+        if acc >= share and len(chunks) < n_pilots - 1:
+            chunks.append(cur)
+            cur, acc = [], 0.0
+        cur.append(d["name"])
+        acc += width[d["name"]] * runtime[d["name"]] / float(cpn)
+    chunks.append(cur)
+    out = []
+    for names in chunks:
+        span = _list_schedule([(runtime[n], width[n]) for n in names], nodes * cpn)
+        walltime = min(int(wmax), int(math.ceil((span * (1 + margin) + overhead) / step)) * step)
+        out.append((nodes, walltime, names))
+    return out
+
+
+def _list_schedule(tasks, lanes):
+    """Makespan of the tasks (runtime, cores) on ``lanes`` cores, longest first, each on the
+    cores that free up first: what a pilot of that size will roughly need."""
+    import heapq
+    free = [0.0] * max(1, lanes)
+    for t, c in sorted(tasks, reverse=True):
+        c = min(max(1, c), len(free))
+        taken = [heapq.heappop(free) for _ in range(c)]
+        end = max(taken) + t
+        for _ in taken:
+            heapq.heappush(free, end)
+    return max(free)
+
+
+def submit_round(pool, spec, k, pilots, stage):
+    """Write the plans and submit the pilots of round ``k``; returns (submitted, error)."""
+    done, error = [], None
+    keep = set(spec.get("keep_env", ()))
+    env = dict((n, v) for n, v in os.environ.items()
+               if n in keep or not any(n.startswith(p) for p in spec.get("clear_env", ())))
+    for i, (nodes, walltime, names) in enumerate(pilots, 1):
+        pid = "r%dp%d" % (k, i)
+        pool.write_plan(pid, names, stage, {"round": k, "created": time.time()})
+        values = {"{pilot}": pid, "{nodes}": str(nodes), "{slots}": str(nodes * int(spec["cores_per_node"])),
+                  "{walltime_s}": str(walltime), "{walltime_hms}": _hms(walltime),
+                  "{script}": pool.path("pilots", "renew.sh")}
+        argv = []
+        for a in spec["argv"]:
+            for key, v in values.items():
+                a = a.replace(key, v)
+            argv.append(a)
+        job, error = _submit(argv, env, pool.path("pilots"), spec.get("job_id_re", r"(\d+)"))
+        if job is None:
+            pool.write_plan(pid, names, stage, {"round": k, "created": time.time(), "void": True})
+            break
+        done.append({"id": pid, "job_id": job, "nodes": nodes, "walltime_s": walltime, "tokens": len(names)})
+    return done, error
+
+
+def _submit(argv, env, cwd, job_re):
+    import re
+    import subprocess
+    try:
+        p = subprocess.Popen(argv, cwd=cwd, env=env, stdin=open(os.devnull, "rb"),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        out, err = p.communicate()
+    except OSError as e:
+        return None, "%s: %s" % (argv[0], e)
+    out, err = out.decode("utf-8", "replace"), err.decode("utf-8", "replace")
+    lines = [x for x in out.strip().splitlines() if x.strip()]
+    m = re.search(job_re, lines[-1]) if lines else None
+    if p.returncode != 0 or m is None:
+        tail = (err.strip() or out.strip())[-400:]
+        return None, "%s exited %d: %s" % (" ".join(argv[:1]), p.returncode, tail or "(no output)")
+    return m.group(1), None
+
+
+def _hms(seconds):
+    seconds = int(seconds)
+    return "%02d:%02d:%02d" % (seconds // 3600, seconds % 3600 // 60, seconds % 60)
 
 
 def handback_guard(walltime):
@@ -1333,11 +1653,13 @@ def mpi_argv(style, t, hosts, hostfile, per_rank=1, env=None):
 
 def changes(pool, since):
     """Everything a client's sync needs, in one round trip: the filesystem clock, the state
-    files changed since ``since`` (fs clock), the launcher records, and the defs count."""
+    files changed since ``since`` (fs clock), the launcher records, the defs count and the
+    follow-up rounds (with the pilots the launchers submitted)."""
     now = fs_now(pool.path("agents"))
     states = pool.states(since=None if since is None else since - 2.0)
     agents = pool.agents()
-    return {"now": now, "states": states, "agents": agents, "defs": len(os.listdir(pool.path("defs")))}
+    return {"now": now, "states": states, "agents": agents, "defs": len(os.listdir(pool.path("defs"))),
+            "followups": dict((str(k), d) for k, d in rounds(pool).items()), "spent": rounds_spent(pool)}
 
 
 def info():
@@ -1366,22 +1688,10 @@ def main(argv=None):
     r.add_argument("--poll", type=float, default=0.5)
     r.add_argument("--steal-delay", type=float, default=1.0)
     r.add_argument("--warn-grace", type=float, default=10.0)
-    m = sub.add_parser("move", help="take todo tokens out of this pool for another resource")
-    m.add_argument("pool")
-    m.add_argument("--to", required=True)
-    m.add_argument("--names", nargs="*", default=[])
-    c = sub.add_parser("changes", help="print state changes since a filesystem time, as JSON")
-    c.add_argument("pool")
-    c.add_argument("--since", type=float, default=None)
-    s = sub.add_parser("scrub", help="failed / stale tokens back to todo")
-    s.add_argument("pool")
-    s.add_argument("--failed", action="store_true")
-    s.add_argument("--stale", action="store_true")
-    s.add_argument("--timeout", type=float, default=None, help="heartbeat age that counts as stale")
-    s.add_argument("--names", nargs="*")
-    s.add_argument("--pilots", nargs="*", help="treat tokens locked by these pilots as stale")
-    s.add_argument("--reason", default="")
     sub.add_parser("info", help="python version and host, as JSON")
+    h = sub.add_parser("helper", help="a client helper call (arguments as JSON on stdin), answered as JSON")
+    h.add_argument("pool")
+    h.add_argument("command")
     a = p.parse_args(argv)
     if a.cmd == "run":
         pool = Pool(a.pool)
@@ -1395,24 +1705,70 @@ def main(argv=None):
                    idle_timeout=a.idle_timeout, poll=a.poll, steal_delay=a.steal_delay, warn_grace=a.warn_grace,
                    deadline=a.deadline, mpi=a.mpi, node=node_name(a.node_var))
         return ag.run()
-    if a.cmd == "changes":
-        answer(changes(Pool(a.pool), a.since))
-        return 0
-    if a.cmd == "scrub":
-        pool = Pool(a.pool)
-        names = set(a.names) if a.names is not None else None
-        done = pool.scrub(failed=a.failed, stale=a.stale, names=names, timeout=a.timeout, reason=a.reason,
-                          pilots=set(a.pilots) if a.pilots else None)
-        answer({"scrubbed": done})
-        return 0
-    if a.cmd == "move":
-        answer({"moved": Pool(a.pool).move_out(a.names, a.to)})
-        return 0
     if a.cmd == "info":
         answer(info())
         return 0
+    if a.cmd == "helper":
+        text = sys.stdin.read()
+        answer(helper(a.pool, a.command, json.loads(text) if text.strip() else {}))
+        return 0
     p.print_help()
     return 2
+
+
+def helper(root, command, args):
+    """The client's helper calls: one definition, run in-process for this machine and as
+    ``launcher.py helper POOL COMMAND`` (arguments as JSON on stdin) over SSH."""
+    if command == "info":
+        return info()
+    pool = Pool(root)
+    if command == "changes":
+        return changes(pool, args.get("since"))
+    if command == "scrub":
+        names, pilots = args.get("names"), args.get("pilots")
+        return {"scrubbed": pool.scrub(failed=bool(args.get("failed")), stale=bool(args.get("stale")),
+                                       names=set(names) if names is not None else None,
+                                       timeout=args.get("timeout"), reason=args.get("reason", ""),
+                                       pilots=set(pilots) if pilots else None)}
+    if command == "move":
+        return {"moved": pool.move_out(args.get("names", []), args["to"])}
+    if command == "round":
+        return _round_helper(pool, args)
+    if command == "mark":
+        return _mark(pool, args)
+    raise ValueError("unknown helper command %r" % command)
+
+
+def _round_helper(pool, args):
+    """The client's side of a follow-up round: ``claim`` (then wait for earlier rounds),
+    ``end`` (record its outcome)."""
+    if args.get("op") == "claim":
+        k = claim_round(pool, args.get("by", "client"))
+        ready = k is not None and wait_earlier_rounds(pool, k, time.time() + float(args.get("wait", 30)))
+        return {"round": k, "ready": ready, "spent": rounds_spent(pool)}
+    doc = end_round(pool, int(args["round"]), args["state"], **args.get("info", {}))
+    return {"round": doc.get("round")}
+
+
+def _mark(pool, args):
+    """Facts the client learnt that launchers need: pilots that will never start (``gone``),
+    the run cancelled (``cancelled``) or resumed with a fresh follow-up budget (``resumed``)."""
+    for pilot in args.get("gone", []):
+        try:
+            os.close(os.open(pool.path("agents", pilot + ".gone"), os.O_WRONLY | os.O_CREAT, 0o644))
+        except OSError:
+            pass
+    if args.get("cancelled"):
+        write_atomic(pool.path("cancelled"), dump({"time": time.time()}))
+    if args.get("resumed"):
+        mkdirs(pool.path("followups"))
+        recs = rounds(pool)
+        write_atomic(pool.path("followups", "base.json"), dump({"base": max(recs) if recs else 0}))
+        try:
+            os.unlink(pool.path("cancelled"))
+        except OSError:
+            pass
+    return {}
 
 
 def answer(obj):

@@ -55,6 +55,29 @@ def python_words(resource: Resource) -> str:
 def render_pilot(pilot: PilotPlan, resource: Resource, run: str, pool: str, *,
                  launcher_args: list[str] = ()) -> str:
     """The complete batch script for one pilot; ``pool`` is the run directory on the resource."""
+    return _render(pilot, resource, run, pool, launcher_args,
+                   {"pilot_label": pilot.id, "pilot_id": shlex.quote(pilot.id), "walltime": pilot.walltime_s,
+                    "walltime_text": pilot.walltime_s, "nodes": pilot.nodes})
+
+
+RENEW_VARS = ("PILOTFLOW_RENEW_PILOT", "PILOTFLOW_RENEW_WALLTIME", "PILOTFLOW_RENEW_NODES")
+
+
+def render_renewal(resource: Resource, run: str, pool: str) -> str:
+    """The batch script of follow-up pilots that pilots submit themselves: the same script,
+    its pilot id, walltime and node count taken from the environment the submission sets
+    (``RENEW_VARS``; the submit command's options override its directives)."""
+    cap = resource.max_walltime_s or 0
+    shape = PilotPlan(id="renew", resource=resource.name, nodes=1, cores_per_node=resource.cores_per_node,
+                      walltime_s=cap or 60, makespan_s=0, tasks=[], busy_core_s=0)
+    pilot_var, walltime_var, nodes_var = (f'"${v}"' for v in RENEW_VARS)
+    walltime_var = f"${{{RENEW_VARS[1]}}}"  # a number, unquoted: it goes into $(( ))
+    return _render(shape, resource, run, pool, [],
+                   {"pilot_label": "(a follow-up: its id is in $PILOTFLOW_RENEW_PILOT)", "pilot_id": pilot_var,
+                    "walltime": walltime_var, "walltime_text": "$PILOTFLOW_RENEW_WALLTIME", "nodes": nodes_var})
+
+
+def _render(pilot: PilotPlan, resource: Resource, run: str, pool: str, launcher_args, shape: dict) -> str:
     sched = backend(resource)
     src, digest = launcher_source(), launcher_hash()
     heredoc = f"PILOTFLOW_LAUNCHER_{digest}"
@@ -71,7 +94,7 @@ def render_pilot(pilot: PilotPlan, resource: Resource, run: str, pool: str, *,
         pilot=pilot, resource=resource, run=run, pool=pool, directives=directives, python=python_words(resource),
         cores=pilot.cores, launcher_source=src if src.endswith("\n") else src + "\n", launcher_hash=digest,
         heredoc=heredoc, launcher_args=args, version=__version__,
-        backend_args=" ".join(shlex.quote(a) for a in sched.launcher_options(resource)))
+        backend_args=" ".join(shlex.quote(a) for a in sched.launcher_options(resource)), **shape)
 
 
 def pool_path(resource: Resource, root: str, run: str, taken: set[tuple] = frozenset()) -> str:

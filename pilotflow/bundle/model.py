@@ -63,6 +63,7 @@ class Resource:
     python: str = "python3"
     walltime_margin: float = 0.05
     max_queue_wait_s: int | None = None
+    max_follow_ups: int = 3  # rounds of follow-up pilots (submitted by pilots or by `wait`)
     mpi_launcher: str = "srun"  # Slurm: srun --mpi=pmix, or Open MPI's mpirun (daemons through srun)
     origin: tuple = ()
 

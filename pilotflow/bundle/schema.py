@@ -44,6 +44,7 @@ RESOURCE_KEYS = {
     "qos": F.directive_word, "pe": F.directive_word, "directives": F.str_list(F.directive),
     "setup": F.str_list(F.text), "python": F.command_name, "walltime_margin": F.fraction(0, 1),
     "max_queue_wait": F.positive_duration, "mpi_launcher": F.choice("srun", "mpirun"),
+    "max_follow_ups": F.integer(0, 100),
 }
 # Scheduler words that mean the same thing (SPEC: "partition/queue, account/project").
 ALIASES = {"queue": "partition", "project": "account"}

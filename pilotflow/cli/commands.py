@@ -36,7 +36,7 @@ def plan(args: Namespace) -> int:
 
 def submit(args: Namespace) -> int:
     from pilotflow.bundle import load_bundle
-    from pilotflow.run.submit import new_run
+    from pilotflow.run.start import new_run
     bundle = load_bundle(args.bundle)
     record, made = new_run(bundle, dry_run=args.dry_run, log=_err)
     if args.dry_run:
@@ -56,12 +56,13 @@ def status(args: Namespace) -> int:
     record = find_run(args.run)
     if args.watch:
         return _wait(record, watch_only=True)
-    snap, _events = sync_for_status(record)
+    st = sync_for_status(record, note=_err)
+    snap = st.snap
     if args.json:
-        json.dump(status_json(record, snap), sys.stdout, indent=1)
+        json.dump(status_json(record, snap, st.state, st.reason), sys.stdout, indent=1)
         sys.stdout.write("\n")
     else:
-        print_status(record, snap)
+        print_status(record, snap, st.state, st.reason)
     counts = snap.counts(record.tokens)
     finished = counts["todo"] == 0 and counts["locked"] == 0
     return 1 if finished and counts["error"] else 0

@@ -55,12 +55,13 @@ def _pilot_rows(record, snap):
     return per
 
 
-def print_status(record, snap) -> None:
+def print_status(record, snap, state: str, reason: str = "") -> None:
     out = console()
     counts = snap.counts(record.tokens)
-    finished = counts["todo"] == 0 and counts["locked"] == 0
-    head = "finished" if finished else "running"
+    head = "[red]stalled[/red]" if state == "stalled" else state
     out.print(f"[bold]{record.run}[/bold] ({head}): " + "  ".join(f"{k} {v}" for k, v in counts.items()))
+    if reason:
+        out.print(f"  [red]stalled:[/red] {reason}")
     if len(record.resources) > 1:  # per-resource progress (tokens move on failover)
         per_res: dict[str, dict[str, int]] = {}
         for name, res in record.owners().items():
@@ -93,12 +94,13 @@ def print_runs(records) -> None:
         out.print("no runs in ./.pilotflow/runs")
         return
     t = Table()
-    for col in ("run", "bundle", "created", "pilots", "tokens"):
+    for col in ("run", "bundle", "created", "pilots", "tokens", "state (at the last status or wait)"):
         t.add_column(col)
     import time as _t
     for r in records:
+        state = f"[red]stalled[/red]: {r.reason}" if r.state == "stalled" else r.state
         t.add_row(r.run, r.bundle, _t.strftime("%Y-%m-%d %H:%M:%S", _t.localtime(r.created)),
-                  str(len(r.pilots)), str(r.tokens))
+                  str(len(r.pilots)), str(r.tokens), state)
     out.print(t)
 
 

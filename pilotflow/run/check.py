@@ -104,9 +104,11 @@ def _test_pilot(t, res: Resource, root: str):
     sched = backend(res)
     tag = secrets.token_hex(4)
     marker = f"{root}/.pilotflow-check-{tag}.node"
+    renew = f"{root}/.pilotflow-check-{tag}.renew"
     directives = sched.directives(job_name=job_name(f"check-{tag}", "p0"), nodes=1, cores_per_node=res.cores_per_node,
                                   walltime_s=120, resource=res, output=f".pilotflow-check-{tag}.out")
     lines = ["#!/bin/sh"] + [f"{sched.prefix} {d}" for d in directives] + list(res.setup) + [
+        _renew_probe(sched, res, renew),
         f"{python_words(res)} -c 'import socket,sys; open(sys.argv[1], \"w\").write(socket.gethostname())' "
         f"{shlex.quote(marker)}"]
     script = f"{root}/.pilotflow-check-{tag}.sh"
@@ -117,21 +119,17 @@ def _test_pilot(t, res: Resource, root: str):
         return
     job = sched.parse_submit(r.stdout)
     started = time.time()
-    state = QUEUED
     try:
-        while time.time() - started < SUBMIT_WAIT_S:
-            if t.read_file(marker) is not None:
-                break
-            s = t.run(sched.status_argv([job]))
-            st = sched.parse_status(s.stdout, [job]).get(job) if s.returncode == 0 else None
-            state = st.state if st else state
-            if state in FINISHED and t.read_file(marker) is None:
-                break
-            time.sleep(1)
+        state = _await_marker(t, sched, job, marker)
         node = t.read_file(marker)
         if node is not None:
             yield "test pilot", True, (f"job {job} ran on {node.decode().strip()} and wrote into {root} "
                                        f"({time.time() - started:.0f} s after submission)")
+            said = (t.read_file(renew) or b"").decode(errors="replace").strip()
+            yield "pilots renew themselves", said == "yes", (
+                f"a pilot on {node.decode().strip()} can submit its follow-up" if said == "yes" else
+                f"a pilot cannot submit its follow-up from the node ({said or 'no answer'}); runs go on only "
+                "while `pilotflow wait` runs on the login node")
         elif state == QUEUED:
             yield "test pilot", None, f"job {job} still queued after {SUBMIT_WAIT_S} s (cancelled); the queue is busy"
         else:
@@ -139,4 +137,35 @@ def _test_pilot(t, res: Resource, root: str):
                                         "see this directory; set root to a filesystem shared with the nodes")
     finally:
         t.run(sched.cancel_argv([job]))
-        t.run(["rm", "-f", marker, script, f"{root}/.pilotflow-check-{tag}.out", f"{script}.out"])
+        t.run(["rm", "-f", marker, renew, script, f"{root}/.pilotflow-check-{tag}.out", f"{script}.out"])
+
+
+def _renew_probe(sched, res: Resource, out: str) -> str:
+    """A shell line for the test pilot: can this node run the scheduler's submit command (and,
+    where the scheduler has one, a dry-run submission)? Writes "yes" or why not to ``out``."""
+    argv = sched.renewal_argv(res, "check")
+    if argv is None:
+        return f"echo 'this scheduler has no way for pilots to submit' > {shlex.quote(out)}"
+    cmd = shlex.quote(argv[0])
+    dry = sched.node_submit_probe()
+    test = f"command -v {cmd} >/dev/null 2>&1"
+    if dry:
+        test += " && " + " ".join(shlex.quote(a) for a in dry) + f" >/dev/null 2>{shlex.quote(out)}.err"
+    return (f"if {test}; then echo yes; else echo \"{argv[0]} does not work here: "
+            f"$(tail -c 300 {shlex.quote(out)}.err 2>/dev/null)\"; fi > {shlex.quote(out)}; rm -f {shlex.quote(out)}.err")
+
+
+def _await_marker(t, sched, job: str, marker: str) -> str:
+    """Poll until the test pilot wrote its marker, ended, or SUBMIT_WAIT_S passed; its state."""
+    started = time.time()
+    state = QUEUED
+    while time.time() - started < SUBMIT_WAIT_S:
+        if t.read_file(marker) is not None:
+            break
+        s = t.run(sched.status_argv([job]))
+        st = sched.parse_status(s.stdout, [job]).get(job) if s.returncode == 0 else None
+        state = st.state if st else state
+        if state in FINISHED and t.read_file(marker) is None:
+            break
+        time.sleep(1)
+    return state

@@ -11,9 +11,9 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from pilotflow.errors import UsageError
+from pilotflow.errors import PilotflowError, UsageError
 from pilotflow.run.records import RunRecord
-from pilotflow.run.supervisor import submit_followup, sync_run
+from pilotflow.run.supervisor import notify_finished, run_state, submit_followup, sync_run
 from pilotflow.run.pilots import cancel_pilots, refresh_pilots
 from pilotflow.run.sync import Session, Snapshot, fetch_logs, fetch_outputs, sync_states
 from pilotflow.schedulers.base import FINISHED
@@ -28,6 +28,12 @@ def cancel(record: RunRecord, *, wait_s: float = 15.0) -> tuple[int, dict[str, i
     Returns (pilots cancelled, counts after)."""
     with Session(record) as s:
         refresh_pilots(s)
+        for name in record.active_resources():  # first: no pilot ending now renews the run
+            try:
+                s.transport(name).helper("mark", cancelled=True, python=record.resource(name).python,
+                                         pool=record.pool(name))
+            except PilotflowError:
+                pass  # unreachable: its pilots are cancelled below all the same
         live = [p for p in record.pilots.values() if p.job_id and p.state not in FINISHED]
         cancel_pilots(s, live)
         record.cancelled = True
@@ -54,14 +60,28 @@ def sync_all(record: RunRecord) -> tuple[Snapshot, int]:
         return snap, fetch_outputs(s)
 
 
-def status(record: RunRecord) -> tuple[Snapshot, list]:
-    """A sync for ``status``: the snapshot and the events it saw."""
+@dataclass
+class Status:
+    snap: Snapshot
+    events: list
+    state: str  # running | finished | stalled
+    reason: str  # why it is stalled, and the command that carries it on
+
+
+def status(record: RunRecord, note: Callable[[str], None] = _quiet) -> Status:
+    """A sync for ``status``; a run found finished (unattended) fires its ``on_finish`` hook,
+    once per run."""
     with Session(record) as s:
         snap = sync_run(s)
-        return snap, s.events
+        state, reason = run_state(s, snap)
+        record.state, record.reason = state, reason
+        record.save()
+        if state == "finished":
+            notify_finished(record, snap.counts(record.tokens), note)
+        return Status(snap, s.events, state, reason)
 
 
-def status_json(record: RunRecord, snap: Snapshot) -> dict:
+def status_json(record: RunRecord, snap: Snapshot, state: str = "", reason: str = "") -> dict:
     """The ``status --json`` document of SPEC §3."""
     counts = snap.counts(record.tokens)
     tokens = {}
@@ -70,8 +90,11 @@ def status_json(record: RunRecord, snap: Snapshot) -> dict:
         tokens[name] = {"state": d.get("state", "todo"), "exit_code": d.get("exit_code"),
                           "attempts": int(d.get("attempt", 0)), "pilot": d.get("pilot"), "host": d.get("host"),
                           "start": d.get("start"), "end": d.get("end")}
-    return {"run": record.run, "finished": counts["todo"] == 0 and counts["locked"] == 0,
-            "counts": counts, "tokens": tokens,
+    finished = counts["todo"] == 0 and counts["locked"] == 0
+    doc = {"run": record.run, "finished": finished, "state": state or ("finished" if finished else "running")}
+    if doc["state"] == "stalled":
+        doc["reason"] = reason
+    return {**doc, "counts": counts, "tokens": tokens,
             "pilots": {p.id: {"resource": p.resource, "job_id": p.job_id, "state": p.state}
                        for p in record.pilots.values()}}
 
@@ -104,19 +127,21 @@ def retry(record: RunRecord, *, failed: bool = False, stale: bool = False,
     with Session(record) as s:
         sync_run(s)
         scrubbed: list[str] = []
-        opts = (["failed=1"] if failed else []) + (["stale=1"] if stale else [])
-        if opts:
+        if failed or stale:
             for name in record.active_resources():
-                r = s.transport(name).helper("scrub", *opts, python=record.resource(name).python,
+                r = s.transport(name).helper("scrub", failed=failed, stale=stale, python=record.resource(name).python,
                                              pool=record.pool(name))
                 scrubbed += r["scrubbed"]
         snap = sync_states(s)
         record.cancelled = False
         for state in record.resources.values():
             state.fresh_chance()
+        for name in record.active_resources():  # a fresh follow-up budget, and no longer cancelled
+            s.transport(name).helper("mark", resumed=True, python=record.resource(name).python,
+                                     pool=record.pool(name))
         live = sum(1 for p in record.pilots.values() if p.state not in FINISHED)
         left = sum(1 for t in record.tasks() if snap.states.state(t.name) == "todo")
-        submitted = submit_followup(s, snap, "retry", log) if left else 0
+        submitted = len(submit_followup(s, snap, "retry", log)) if left else 0
         record.save()
     return RetryResult(scrubbed=scrubbed, left=left, live=live, submitted=submitted)
 

@@ -11,20 +11,19 @@ there and pilots planned for it. ``pilotflow retry --move-to RESOURCE`` does the
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import replace
 from pathlib import Path
 
 from pilotflow.bundle import Bundle, task_fits
-from pilotflow.errors import PilotflowError, UsageError
+from pilotflow.errors import ExternalError, PilotflowError, UsageError
 from pilotflow.launcher import dump
 from pilotflow.planning.assign import assign_resources
 from pilotflow.render import pool_path
 from pilotflow.run.pilots import cancel_pilots
 from pilotflow.run.submit import (create_pool, plan_remaining, resolve_root, stage, staged_inputs, submit_pilots,
-                                  token_def)
+                                  token_def, write_renewal)
 from pilotflow.run.sync import Session, sync_states
 from pilotflow.schedulers.base import FINISHED, QUEUED
 
@@ -96,7 +95,7 @@ def fail_over(s: Session, name: str, why: str, log) -> int:
         _cancel_queued(s, name)
     try:  # locks of its dead launchers go back to todo, so they can move too
         res = record.resource(name)
-        s.transport(name).helper("scrub", "stale=1", python=res.python, pool=record.pool(name))
+        s.transport(name).helper("scrub", stale=True, python=res.python, pool=record.pool(name))
     except PilotflowError:
         pass
     snap = sync_states(s)
@@ -106,7 +105,7 @@ def fail_over(s: Session, name: str, why: str, log) -> int:
         if names and not again:
             log(f"no other resource to move {len(names)} token(s) of {name} to; they wait there")
         return 0
-    split = _split(record, names, others)
+    split = split_between(record, names, others)
     moved = 0
     for dst, part in split.items():
         moved += len(move(s, part, dst, log))
@@ -116,7 +115,7 @@ def fail_over(s: Session, name: str, why: str, log) -> int:
     return moved
 
 
-def _split(record, names: list[str], others: list[str]) -> dict[str, list[str]]:
+def split_between(record, names: list[str], others: list[str]) -> dict[str, list[str]]:
     """Send tokens where the planner would put them (fewest pilots), among resources they fit."""
     tasks = [replace(t, resource=None) for t in record.tasks() if t.name in set(names)]
     resources = [record.resource(r) for r in others]
@@ -144,7 +143,7 @@ def move(s: Session, names: list[str], dst: str, log) -> list[str]:
         if src == dst:
             continue
         res = record.resource(src)
-        r = s.transport(src).helper("move", "names=" + json.dumps(part), "to=" + dst, python=res.python,
+        r = s.transport(src).helper("move", names=part, to=dst, python=res.python,
                                     pool=record.pool(src))
         moved += r["moved"]
     if not moved:
@@ -159,7 +158,7 @@ def move(s: Session, names: list[str], dst: str, log) -> list[str]:
         record.resources[dst].pool = pool_path(dst_res, resolve_root(dst_res, t, base), record.run,
                                                   record.pools_taken())
         record.save()
-        _create_empty_pool(t, record.pool(dst), record)
+        _create_empty_pool(t, record.pool(dst), record, dst_res)
     pool = record.pool(dst)
     order = {n: i for i, n in enumerate(moved)}
     defs = [token_def(tt, order[tt.name], dst_res) for tt in all_tasks if tt.name in order]
@@ -184,9 +183,43 @@ def move(s: Session, names: list[str], dst: str, log) -> list[str]:
     return moved
 
 
-def _create_empty_pool(t, pool: str, record) -> None:
-    meta = {"run": record.run, "lock_timeout": record.lock_timeout, "created": record.created}
+def fail_over_refused(s: Session, refused: dict[str, ExternalError], log) -> None:
+    """Resources whose scheduler refused pilots are broken: their todo tokens move to the
+    others (whose own refusals are handled in turn). Raises the refusal when no resource is
+    left to take the work."""
+    record = s.record
+    pending = dict(refused)
+    while pending:
+        name, err = pending.popitem()
+        why = f"its scheduler refused the pilots: {_said(err)}"
+        record.resources[name].broken = why
+        record.save()
+        log(f"resource {name} looks broken: {why}")
+        _cancel_queued(s, name)
+        snap = sync_states(s)
+        names = [n for n, r in s.owner.items() if r == name and snap.states.state(n) == "todo"]
+        others = [r for r in record.resources if not record.broken(r)]
+        if not names:
+            continue
+        if not others:
+            raise err
+        for dst, part in split_between(record, names, others).items():
+            try:
+                move(s, part, dst, log)
+            except ExternalError as e:
+                pending[dst] = e
+
+
+def _said(err: ExternalError) -> str:
+    """The scheduler's own words, in one line."""
+    text = (err.stderr or err.stdout or str(err)).strip().splitlines()
+    return text[-1][:300] if text else str(err).splitlines()[0]
+
+
+def _create_empty_pool(t, pool: str, record, res) -> None:
+    meta = {"run": record.run, "lock_timeout": record.lock_timeout, "created": record.created, "resource": res.name}
     create_pool(t, pool, meta, [])
+    write_renewal(t, res, record.run, pool)
 
 
 def _cancel_queued(s: Session, name: str, only_queued: bool = False,

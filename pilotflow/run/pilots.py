@@ -7,7 +7,6 @@ their heartbeat to go stale.
 
 from __future__ import annotations
 
-import json
 import time
 
 from pilotflow.errors import ExternalError
@@ -15,7 +14,7 @@ from pilotflow.run.events import pilot_events
 from pilotflow.run.records import PilotRecord
 from pilotflow.run.sync import Session
 from pilotflow.schedulers import backend
-from pilotflow.schedulers.base import FINISHED, UNKNOWN
+from pilotflow.schedulers.base import FINISHED, QUEUED, UNKNOWN
 from pilotflow.transport import run_checked
 
 
@@ -55,6 +54,7 @@ def refresh_pilots(s: Session) -> list[str]:
             if r.returncode == 0:
                 states.update(sched.parse_fallback_status(r.stdout, missing))
         agents = s.record.mirror.agents()
+        gone = []
         for p in pilots:
             st = states.get(p.job_id)
             if st is None:
@@ -69,10 +69,46 @@ def refresh_pilots(s: Session) -> list[str]:
                 p.state, p.raw = st_name, raw
                 if st_name in FINISHED:
                     p.ended = time.time()
+                    gone.append(p.id)
                 changed.append(p.id)
+        if gone and record.pool(name):  # launchers deciding on follow-ups must not wait for these
+            try:
+                t.helper("mark", gone=gone, python=res.python, pool=record.pool(name))
+            except ExternalError:
+                pass
     if changed:
         record.save()
     return changed
+
+
+def adopt_renewals(s: Session, resource: str, rounds: dict) -> list[str]:
+    """Pilots that launchers submitted themselves (follow-up rounds in the pool) join the run
+    record, so that status shows them and the scheduler is asked about them."""
+    record = s.record
+    state = record.resources[resource]
+    res = record.resource(resource)
+    added = []
+    last = None  # the latest round that tried to submit: its outcome says whether renewal works
+    for k, doc in sorted(rounds.items(), key=lambda kv: int(kv[0])):
+        if doc.get("state") in ("done", "failed"):
+            last = doc
+        for p in doc.get("pilots") or ():
+            if p["id"] in record.pilots:
+                continue
+            rec = PilotRecord(id=p["id"], resource=resource, nodes=int(p.get("nodes", 1)),
+                              cores_per_node=res.cores_per_node, walltime_s=int(p.get("walltime_s", 0)), stage=0,
+                              tasks=int(p.get("tokens", 0)), job_id=str(p["job_id"]),
+                              submitted=float(doc.get("ended") or time.time()), state=QUEUED)
+            record.add_pilot(rec)
+            s.events += pilot_events(rec.id, "planned", QUEUED, False,
+                                     {"resource": resource, "job_id": rec.job_id, "raw": f"follow-up round {k}"})
+            added.append(rec.id)
+    state.renewal = None
+    if last is not None and last.get("state") == "failed":
+        state.renewal = (f"the follow-up submitted from {last.get('host', 'a node')} was refused: "
+                         f"{last.get('error')}")
+    state.followups = s.spent.get(resource, state.followups)
+    return added
 
 
 def _ask(t, sched, argv, parse, ids, name, retry: bool = True):
@@ -108,9 +144,8 @@ def release_dead(s: Session) -> list[str]:
         if not locked:
             continue
         res = record.resource(name)
-        r = s.transport(name).helper("scrub", "stale=1", "pilots=" + json.dumps(dead),
-                                     "names=" + json.dumps(locked),
-                                     "reason=its pilot ended while running it", python=res.python,
+        r = s.transport(name).helper("scrub", stale=True, pilots=dead, names=locked,
+                                     reason="its pilot ended while running it", python=res.python,
                                      pool=record.pool(name))
         out += r["scrubbed"]
     return out

@@ -47,6 +47,7 @@ class ResourceState:
     broken: str | None = None  # why failover gave up on it (None: it is fine)
     followups: int = 0  # rounds of follow-up pilots submitted for it
     unreachable_since: float | None = None  # when its scheduler or host stopped answering
+    renewal: str | None = None  # why the last follow-up round a pilot tried failed
 
     @classmethod
     def of(cls, res: Resource, pool: str | None = None) -> "ResourceState":
@@ -54,7 +55,7 @@ class ResourceState:
 
     def fresh_chance(self) -> None:
         """Forget failures (``retry`` gives every resource a fresh chance)."""
-        self.broken, self.followups, self.unreachable_since = None, 0, None
+        self.broken, self.followups, self.unreachable_since, self.renewal = None, 0, None, None
 
 
 @dataclass
@@ -74,6 +75,8 @@ class RunRecord:
     on_change: str | None = None
     on_finish: str | None = None
     finished_notified: bool = False
+    state: str = "running"  # as the last status or wait saw it: running | finished | stalled
+    reason: str = ""  # why it was stalled
     directory: Path = field(default=Path("."), repr=False)
 
     def __post_init__(self):

@@ -1,7 +1,8 @@
-"""Creating a run: pools on the resources, staged inputs, rendered scripts, submitted pilots.
+"""The parts of creating a run: pools on the resources, staged inputs, rendered scripts,
+submitted pilots (``run.start`` puts them together).
 
 The same functions submit follow-up pilots for ``retry`` and for ``wait`` when every pilot of
-a resource ended with work left.
+a resource ended with work left, and for failover.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from pilotflow.bundle import Bundle, Resource, Task, task_nodes
 from pilotflow.errors import BundleError, ExternalError, UsageError
 from pilotflow.launcher import Pool, dump
 from pilotflow.planning.plan import Plan, make_plan
-from pilotflow.render import default_root, pool_path, render_pilot
+from pilotflow.planning.sizing import PILOT_OVERHEAD_S
+from pilotflow.render import default_root, pool_path, render_pilot, render_renewal
 from pilotflow.run.records import PilotRecord, ResourceState, RunRecord, new_run_id, runs_dir
 from pilotflow.schedulers import backend
 from pilotflow.schedulers.base import job_name
@@ -42,49 +44,6 @@ def token_def(t: Task, rank: int, res: Resource | None = None) -> dict:
     return d
 
 
-def new_run(bundle: Bundle, *, cwd: Path | None = None, dry_run: bool = False,
-            launcher_args: list[str] = (), log: Callable[[str], None] = lambda _msg: None,
-            connect: Callable[[Resource], Transport] = connect) -> tuple[RunRecord, Plan]:
-    """Plan, create the run's pools, stage inputs and submit its pilots. ``connect`` says how
-    a resource is reached (tests give a fake)."""
-    plan = make_plan(bundle)
-    inputs = staged_inputs(bundle)
-    run = new_run_id(bundle.name)
-    directory = runs_dir(cwd) / run
-    record = RunRecord(run=run, bundle=bundle.name, bundle_path=str(bundle.path or ""),
-                       base_dir=str(bundle.base_dir), created=time.time(), lock_timeout=bundle.lock_timeout_s,
-                       resources={}, tokens=len(bundle.tasks), on_change=bundle.on_change,
-                       on_finish=bundle.on_finish, directory=directory)
-    if dry_run:
-        return record, plan
-    directory.mkdir(parents=True, exist_ok=True)
-    # tasks are saved pinned to the resource that got them: their pool lives there
-    where = {i: rp.resource.name for rp in plan.resources for i in rp.tasks}
-    record.save_tasks([replace(t, resource=where[i]) for i, t in enumerate(bundle.tasks)])
-    transports: dict[str, Transport] = {}
-    for res in bundle.resources:  # all of them: a failover may send work where none went yet
-        record.resources[res.name] = ResourceState.of(res)
-    try:
-        for rp in plan.resources:
-            res = rp.resource
-            t = transports[res.name] = connect(res)
-            pool = pool_path(res, resolve_root(res, t, bundle.base_dir), run, record.pools_taken())
-            record.resources[res.name] = ResourceState.of(res, pool)
-            record.save()
-            defs = [token_def(bundle.tasks[i], plan.rank[i], res) for i in sorted(rp.tasks, key=plan.rank.get)]
-            create_pool(t, pool, {"run": run, "lock_timeout": bundle.lock_timeout_s, "resource": res.name,
-                                  "created": record.created}, defs)
-            n = stage(t, bundle.base_dir, [p for i in rp.tasks for p in inputs.get(i, [])], pool)
-            if n:
-                log(f"staged {n} input file(s) to {res.name}:{pool}/work")
-        submit_pilots(record, plan, transports, launcher_args=launcher_args, log=log)
-    finally:
-        record.save()
-        for t in transports.values():
-            t.close()
-    return record, plan
-
-
 def resolve_root(res: Resource, t: Transport, base_dir: Path) -> str:
     root = default_root(res, base_dir)
     if res.remote:
@@ -99,6 +58,24 @@ def create_pool(t: Transport, pool: str, meta: dict, defs: list[dict]) -> None:
     t.mkdirs([f"{pool}/{d}" for d in Pool.SUBDIRS] + [f"{pool}/pilots"])
     t.write_file(f"{pool}/run.json", dump(meta))
     t.write_file(f"{pool}/defs/000000.json", dump(defs))
+
+
+def write_renewal(t: Transport, res: Resource, run: str, pool: str) -> bool:
+    """What a pilot needs to submit its own follow-up on this resource (``pilots/renew.json``
+    and the follow-up script ``pilots/renew.sh``), written once per pool. False when the
+    resource's scheduler has no way to do it."""
+    sched = backend(res)
+    argv = sched.renewal_argv(res, run)
+    if argv is None:
+        return False
+    t.write_file(f"{pool}/pilots/renew.sh", render_renewal(res, run, pool).encode(), mode=0o755)
+    spec = {"argv": argv, "job_id_re": sched.job_id_re, "clear_env": list(sched.node_env_clear),
+            "keep_env": list(sched.node_env_keep), "walltime_step": sched.walltime_step,
+            "cores_per_node": res.cores_per_node, "max_nodes": res.max_nodes, "max_walltime": res.max_walltime_s,
+            "margin": res.walltime_margin, "overhead": PILOT_OVERHEAD_S, "max_pilots": res.max_pilots,
+            "max_follow_ups": res.max_follow_ups, "resource": res.name}
+    t.write_file(f"{pool}/pilots/renew.json", dump(spec))
+    return True
 
 
 def staged_inputs(bundle: Bundle) -> dict[int, list[str]]:

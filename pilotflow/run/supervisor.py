@@ -15,14 +15,12 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Protocol
 
-from pilotflow.errors import PilotflowError, RunFailed, UsageError
-from pilotflow.run.failover import broken, fail_over
+from pilotflow.errors import ExternalError, PilotflowError, RunFailed, UsageError
+from pilotflow.run.failover import broken, fail_over, fail_over_refused
 from pilotflow.run.records import RunRecord
-from pilotflow.run.pilots import refresh_pilots, release_dead
+from pilotflow.run.pilots import adopt_renewals, refresh_pilots, release_dead
 from pilotflow.run.sync import OutputFetcher, Session, Snapshot, sync_states
 from pilotflow.schedulers.base import FINISHED
-
-MAX_FOLLOWUPS = 3  # automatic follow-up rounds per resource when pilots end with work left
 
 
 class Observer(Protocol):
@@ -57,10 +55,55 @@ def sync_run(s: Session, pilots: bool = True) -> Snapshot:
     """Sync token states; ask the schedulers about pilots too when ``pilots``, and hand back
     at once what pilots the scheduler says are gone still held."""
     snap = sync_states(s)
+    if any([adopt_renewals(s, name, rounds) for name, rounds in s.rounds.items()]):
+        s.record.save()
     if pilots and (refresh_pilots(s) or any(p.state in FINISHED for p in s.record.pilots.values())):
         if release_dead(s):
             snap = sync_states(s)
     return snap
+
+
+ROUND_IN_FLIGHT_S = 90.0  # a round claimed this recently may still be submitting its pilots
+
+
+def run_state(s: Session, snap: Snapshot) -> tuple[str, str]:
+    """``finished``, ``running`` or ``stalled`` (work left, no pilot queued or running, nothing
+    that will start one) with the reason and the command that carries the run on."""
+    record = s.record
+    counts = snap.counts(record.tokens)
+    if counts["todo"] == 0 and counts["locked"] == 0:
+        return "finished", ""
+    if any(p.state not in FINISHED for p in record.pilots.values()):
+        return "running", ""
+    now = time.time()
+    for rounds in s.rounds.values():
+        if any(d.get("state") == "claimed" and now - float(d.get("time") or 0) < ROUND_IN_FLIGHT_S
+               for d in rounds.values()):
+            return "running", ""  # a pilot is submitting its follow-up right now
+    if record.cancelled:
+        return "stalled", (f"cancelled with {counts['todo']} token(s) left; `pilotflow retry {record.run}` "
+                           "submits pilots for them")
+    why = []
+    resume = f"`pilotflow wait {record.run}` carries it on from here"
+    for name in record.active_resources():
+        state = record.resources[name]
+        res = record.resource(name)
+        if state.broken:
+            why.append(f"{name} is broken ({state.broken})")
+        if state.followups >= res.max_follow_ups:
+            why.append(f"the follow-up budget of {name} is spent ({state.followups} of max_follow_ups = "
+                       f"{res.max_follow_ups} rounds)")
+            resume = f"`pilotflow retry {record.run}` gives it a fresh budget"
+        elif state.renewal:
+            why.append(state.renewal)
+    notes = sorted({(a.get("end") or {}).get("renewal") for a in snap.agents.values()} - {None})
+    why += [n for n in notes if n not in why]
+    pilots = list(record.pilots.values())
+    if pilots and all(p.state == "failed" for p in pilots):
+        why.append(f"every pilot failed (the last: {pilots[-1].id}, {pilots[-1].raw or 'failed'})")
+    if not why:
+        why.append("every pilot ended with work left and none submitted a follow-up")
+    return "stalled", "; ".join(why) + "; " + resume
 
 
 def idle_resources(record: RunRecord, owner: dict[str, str], states) -> list[str]:
@@ -76,19 +119,19 @@ def idle_resources(record: RunRecord, owner: dict[str, str], states) -> list[str
 
 
 def submit_followup(s: Session, snap: Snapshot, why: str, log: Callable[[str], None],
-                    resource: str | None = None) -> int:
-    """Pilots planned for the todo tokens left (of one resource, or all); how many."""
+                    resource: str | None = None) -> list:
+    """Pilots planned for the todo tokens left (of one resource, or all), submitted; their records."""
     from pilotflow.run.submit import plan_remaining, submit_pilots
     record = s.record
     left = {t.name for t in record.tasks() if snap.states.state(t.name) == "todo"
             and (resource is None or t.resource == resource)}
     if not left:
-        return 0
+        return []
     plan = plan_remaining(record, left)
     log(f"{why}: submitting pilots for {len(left)} token(s)")
     done = submit_pilots(record, plan, s.transports(), log=log)
     record.save()
-    return len(done)
+    return done
 
 
 @dataclass
@@ -104,7 +147,7 @@ class Supervisor:
     """One run, kept going (see the module docstring). ``clock`` is injectable for tests."""
 
     def __init__(self, s: Session, view: Observer | None = None, callbacks=(), *,
-                 max_followups: int = MAX_FOLLOWUPS, clock: Callable[[], float] = time.time):
+                 max_followups: int | None = None, clock: Callable[[], float] = time.time):
         self.s = s
         self.record = s.record
         self.view = view or Quiet()
@@ -156,18 +199,47 @@ class Supervisor:
                 self.delay, self.ask_every = 0.5, 10.0
 
     def follow_up(self, snap: Snapshot, name: str) -> None:
-        """Every pilot on ``name`` ended with work left: a round of follow-up pilots, at most
-        ``max_followups`` rounds."""
+        """Every pilot on ``name`` ended with work left: one round of follow-up pilots. Rounds
+        are claimed in the pool, exclusively, like the rounds pilots submit themselves, and
+        count against the resource's ``max_follow_ups``."""
         record = self.record
-        state = record.resources[name]
-        if state.followups >= self.max_followups:
+        res = record.resource(name)
+        budget = res.max_follow_ups if self.max_followups is None else self.max_followups
+        t = self.s.transport(name)
+        pool = record.pool(name)
+        r = t.helper("round", op="claim", by="client", wait=30, python=res.python, pool=pool)
+        k = r["round"]
+        if k is None:
+            return  # a pilot is submitting this round right now: the next sync shows its pilots
+        record.resources[name].followups = r["spent"]
+        if r["spent"] >= budget:
+            t.helper("round", op="end", round=k, state="void", info={"reason": "budget spent"},
+                     python=res.python, pool=pool)
             raise RunFailed(f"every pilot of run {record.run} on {name} ended with token(s) left after "
-                            f"{state.followups} follow-up round(s); check `pilotflow status` and the pilots' "
-                            f"output, then `pilotflow retry {record.run}`")
-        state.followups += 1
-        n = submit_followup(self.s, snap, f"every pilot on {name} ended with work left", self.view.note,
-                            resource=name)
-        self.view.note(f"submitted {n} follow-up pilot(s) on {name}")
+                            f"{r['spent']} follow-up round(s) (max_follow_ups = {budget}); check `pilotflow "
+                            f"status` and the pilots' output, then `pilotflow retry {record.run}`")
+        snap = sync_run(self.s, pilots=False)  # an earlier round may have submitted pilots meanwhile
+        if not r["ready"] or name not in idle_resources(record, self.s.owner, snap.states):
+            t.helper("round", op="end", round=k, state="void", info={"reason": "a pilot takes the work"},
+                     python=res.python, pool=pool)
+            return
+        try:
+            pilots = submit_followup(self.s, snap, f"every pilot on {name} ended with work left", self.view.note,
+                                     resource=name)
+        except PilotflowError as e:
+            t.helper("round", op="end", round=k, state="failed", info={"error": str(e)[:500], "by": "client"},
+                     python=res.python, pool=pool)
+            if not isinstance(e, ExternalError) or len(record.resources) == 1:
+                raise
+            fail_over_refused(self.s, {name: e}, self.view.note)  # its work goes elsewhere
+            return
+        t.helper("round", op="end", round=k, state="done" if pilots else "void",
+                 info={"by": "client", "pilots": [{"id": p.id, "job_id": p.job_id, "nodes": p.nodes,
+                                                   "walltime_s": p.walltime_s, "tokens": p.tasks} for p in pilots]},
+                 python=res.python, pool=pool)
+        record.resources[name].followups = r["spent"] + bool(pilots)
+        record.save()
+        self.view.note(f"submitted {len(pilots)} follow-up pilot(s) on {name} (round {k})")
         self.delay, self.ask_every = 0.5, 10.0
 
     def deliver(self) -> None:
@@ -205,18 +277,25 @@ class Supervisor:
     def finished(self, counts: dict[str, int]) -> None:
         """The run's end: the on_finish hook (once per run), then RunFailed if tokens failed."""
         record = self.record
-        if record.on_finish and not record.finished_notified:
-            from pilotflow.run.events import run_hook
-            err = run_hook(record.on_finish, {"run": record.run, "bundle": record.bundle, "counts": counts,
-                                              "pilots": {p.id: p.state for p in record.pilots.values()}},
-                           record.base_dir)
-            if err:
-                self.view.note(err)
-            record.finished_notified = True
-            record.save()
+        notify_finished(record, counts, self.view.note)
         if counts["error"]:
             raise RunFailed(f"run {record.run} finished with {counts['error']} token(s) in error: "
                             f"see `pilotflow status {record.run}` and `pilotflow logs {record.run} TOKEN`")
+
+
+def notify_finished(record: RunRecord, counts: dict[str, int], note: Callable[[str], None]) -> None:
+    """Run the bundle's on_finish hook, once per run (whoever sees the end first: ``wait``, or
+    the first ``status`` of a run that finished unattended)."""
+    record.state, record.reason = "finished", ""
+    if record.on_finish and not record.finished_notified:
+        from pilotflow.run.events import run_hook
+        err = run_hook(record.on_finish, {"run": record.run, "bundle": record.bundle, "counts": counts,
+                                          "pilots": {p.id: p.state for p in record.pilots.values()}},
+                       record.base_dir)
+        if err:
+            note(err)
+        record.finished_notified = True
+    record.save()
 
 
 def wait(record: RunRecord, view: Observer | None = None, *, callbacks=(), watch_only: bool = False) -> dict:

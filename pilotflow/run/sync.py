@@ -50,6 +50,8 @@ class Session:
         self._t: dict[str, Transport] = {}
         self.errors: dict[str, Exception] = {}  # resource → its last failure in this command
         self.events: list = []  # state-change events seen by this command, for callbacks and hooks
+        self.rounds: dict[str, dict] = {}  # resource → its pool's follow-up rounds, as last synced
+        self.spent: dict[str, int] = {}  # resource → rounds that count against its budget
         self.known = record.mirror.states()
         self.reload_owners()
 
@@ -101,8 +103,7 @@ def sync_states(s: Session) -> Snapshot:
         t = s.transport(name)
         since = cursor.get(name)
         try:
-            doc = t.helper("changes", *([repr(since)] if since is not None else []), python=res.python,
-                           pool=record.pool(name))
+            doc = t.helper("changes", since=since, python=res.python, pool=record.pool(name))
         except ExternalError as e:
             s.errors[name] = e
             if len(record.resources) == 1:  # nowhere to fail over to: say so now
@@ -119,6 +120,8 @@ def sync_states(s: Session) -> Snapshot:
         changed += new_changes
         for k, v in doc["agents"].items():
             agents[k] = dict(v, resource=name)
+        s.rounds[name] = doc.get("followups") or {}
+        s.spent[name] = int(doc.get("spent") or 0)
         cursor[name] = doc["now"]
     mirror.set_agents(agents)
     mirror.set_cursor(cursor)  # after the states: an interrupted sync is simply redone

@@ -56,6 +56,21 @@ class Scheduler(ABC):
         style, and the environment variables that carry the node's index and name."""
         return ["--mpi", self.mpi_style(resource)]
 
+    # How a pilot's launcher submits a follow-up from a node (see ``renewal_argv``).
+    job_id_re = r"(\d+)"  # the job id in the last line of the submit command's output
+    node_env_clear: tuple[str, ...] = ()  # prefixes of the job's own variables the submission must not inherit
+    node_env_keep: tuple[str, ...] = ()  # ... except these
+
+    def renewal_argv(self, resource, run: str) -> list[str] | None:
+        """The submit command a launcher runs for a follow-up pilot, with the placeholders
+        {pilot} {nodes} {slots} {walltime_s} {walltime_hms} {script}; its options override
+        the follow-up script's directives and set ``render.RENEW_VARS``. None: no renewal."""
+        return None
+
+    def node_submit_probe(self) -> list[str] | None:
+        """A harmless dry-run submission a test pilot can try on a node (None: none exists)."""
+        return None
+
     def flavour_argv(self) -> list[str] | None:
         """A command telling whether the commands found are really this scheduler's."""
         return None
@@ -124,6 +139,14 @@ def check_directive(value: str) -> str:
 
 def job_name(run: str, pilot: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", f"pf-{pilot}-{run}")[:64]
+
+
+def renewal_job_name(run: str, limit: int = 64) -> str:
+    """``job_name`` with the pilot left as the placeholder ``{pilot}``."""
+    return job_name(run, "PFPILOTPF")[:limit].replace("PFPILOTPF", "{pilot}")
+
+
+RENEW_ENV = "PILOTFLOW_RENEW_PILOT={pilot},PILOTFLOW_RENEW_WALLTIME={walltime_s},PILOTFLOW_RENEW_NODES={nodes}"
 
 
 def hms(seconds: int) -> str:

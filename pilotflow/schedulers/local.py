@@ -54,6 +54,10 @@ class Local(Scheduler):
             raise ValueError(f"unexpected output starting the pilot: {stdout.strip()!r}")
         return pid
 
+    def renewal_argv(self, resource, run):
+        return ["/bin/sh", "-c", 'PILOTFLOW_RENEW_PILOT="$2" PILOTFLOW_RENEW_WALLTIME="$3" PILOTFLOW_RENEW_NODES=1 '
+                'setsid /bin/sh "$1" >"$2.out" 2>&1 </dev/null & echo $!', "sh", "{script}", "{pilot}", "{walltime_s}"]
+
     def status_argv(self, job_ids):
         return [self.python, "-c", _PROBE] + list(job_ids)
 

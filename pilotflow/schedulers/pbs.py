@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 
 from pilotflow.schedulers.base import (CANCELLED, ENDED, FAILED, QUEUED, RUNNING, JobState, Scheduler,
-                                       check_directive, directive_word, hms)
+                                       check_directive, directive_word, hms, renewal_job_name, RENEW_ENV)
 
 STATES = {"Q": QUEUED, "H": QUEUED, "W": QUEUED, "T": QUEUED, "S": QUEUED, "U": QUEUED, "M": QUEUED,
           "R": RUNNING, "E": RUNNING, "B": RUNNING, "X": ENDED, "F": ENDED}
@@ -23,6 +23,15 @@ class Pbs(Scheduler):
     docs = "PBS Professional Reference Guide, 'Job States'"
     template = "pbs.sh.j2"
     check_commands = ("qsub", "qstat", "qdel")
+
+    job_id_re = r"^(\S+)$"  # "123.server"
+
+    def renewal_argv(self, resource, run):
+        chunk = f"{{nodes}}:ncpus={resource.cores_per_node}:mpiprocs=1"
+        if resource.memory_per_node_mb:
+            chunk += f":mem={resource.memory_per_node_mb}mb"
+        return ["qsub", "-N", renewal_job_name(run, 15), "-l", f"select={chunk}", "-l", "walltime={walltime_hms}",
+                "-o", "{pilot}.out", "-v", RENEW_ENV, "{script}"]
 
     def launcher_options(self, resource):
         return super().launcher_options(resource) + ["--agent-var", "PBS_VNODENUM"]

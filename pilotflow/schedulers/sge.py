@@ -6,7 +6,7 @@ State letters: qstat(1), "the state of the job" — https://arc.liv.ac.uk/SGE/ht
 from __future__ import annotations
 
 from pilotflow.schedulers.base import (CANCELLED, ENDED, FAILED, QUEUED, RUNNING, JobState, Scheduler,
-                                       check_directive, directive_word, hms)
+                                       check_directive, directive_word, hms, renewal_job_name, RENEW_ENV)
 
 
 def _state(letters: str) -> str:
@@ -26,6 +26,13 @@ class Sge(Scheduler):
     docs = "https://arc.liv.ac.uk/SGE/htmlman/htmlman1/qstat.html"
     template = "sge.sh.j2"
     check_commands = ("qsub", "qstat", "qdel")
+
+    def renewal_argv(self, resource, run):
+        return ["qsub", "-terse", "-N", renewal_job_name(run), "-pe", directive_word(resource.pe, "pe"), "{slots}",
+                "-l", "h_rt={walltime_hms}", "-o", "{pilot}.out", "-v", RENEW_ENV, "{script}"]
+
+    def node_submit_probe(self):
+        return ["qsub", "-w", "v", "-b", "y", "true"]
 
     def flavour_argv(self):
         return ["qstat", "-help"]

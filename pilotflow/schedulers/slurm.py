@@ -6,7 +6,7 @@ State names: https://slurm.schedmd.com/squeue.html#SECTION_JOB-STATE-CODES
 from __future__ import annotations
 
 from pilotflow.schedulers.base import (CANCELLED, ENDED, FAILED, QUEUED, RUNNING, JobState, Scheduler,
-                                       check_directive, directive_word, format_hms)
+                                       check_directive, directive_word, format_hms, renewal_job_name, RENEW_ENV)
 
 STATES = {
     "PENDING": QUEUED, "CONFIGURING": QUEUED, "REQUEUED": QUEUED, "REQUEUE_HOLD": QUEUED,
@@ -33,6 +33,16 @@ class Slurm(Scheduler):
 
     def mpi_style(self, resource):
         return resource.mpi_launcher  # srun (the default) or Open MPI's mpirun
+
+    node_env_clear = ("SLURM_", "SBATCH_", "SRUN_", "SALLOC_")  # the pilot's own job, not the follow-up's
+    node_env_keep = ("SLURM_CONF",)
+
+    def renewal_argv(self, resource, run):
+        return ["sbatch", "--parsable", f"--job-name={renewal_job_name(run)}", "--nodes={nodes}",
+                "--time={walltime_hms}", "--output={pilot}.%j.out", f"--export=ALL,{RENEW_ENV}", "{script}"]
+
+    def node_submit_probe(self):
+        return ["sbatch", "--test-only", "--wrap", "true"]
 
     def launcher_options(self, resource):
         return super().launcher_options(resource) + ["--agent-var", "SLURM_NODEID", "--node-var", "SLURMD_NODENAME"]

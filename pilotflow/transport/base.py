@@ -58,8 +58,9 @@ class Transport(ABC):
         """Copy a remote file here if it differs; atomically. False if it does not exist."""
 
     @abstractmethod
-    def helper(self, command: str, *args: str, python: str = "python3", pool: str = "") -> dict:
-        """Run a launcher helper command (``changes``, ``scrub``, ``info``) and parse its JSON."""
+    def helper(self, command: str, *, python: str = "python3", pool: str = "", **args) -> dict:
+        """A launcher helper call (``launcher.helper``: changes, scrub, move, round, mark,
+        info) on the resource, in one round trip; returns its JSON answer."""
 
     def expand(self, path: str) -> str:
         return path

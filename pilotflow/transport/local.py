@@ -3,7 +3,6 @@ helpers called in-process (the same code the remote side runs)."""
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -62,25 +61,9 @@ class LocalTransport(Transport):
             return False
         return self.put(src, str(local))
 
-    def helper(self, command, *args, python="python3", pool=""):
+    def helper(self, command, *, python="python3", pool="", **args):
         from pilotflow import launcher
-        if command == "changes":
-            since = float(args[0]) if args else None
-            return launcher.changes(launcher.Pool(pool), since)
-        if command == "scrub":
-            opts = dict(a.split("=", 1) for a in args)
-            names = set(json.loads(opts["names"])) if "names" in opts else None
-            pilots = set(json.loads(opts["pilots"])) if "pilots" in opts else None
-            done = launcher.Pool(pool).scrub(failed=opts.get("failed") == "1", stale=opts.get("stale") == "1",
-                                             names=names, timeout=float(opts["timeout"]) if "timeout" in opts
-                                             else None, reason=opts.get("reason", ""), pilots=pilots)
-            return {"scrubbed": done}
-        if command == "move":
-            opts = dict(a.split("=", 1) for a in args)
-            return {"moved": launcher.Pool(pool).move_out(json.loads(opts["names"]), opts["to"])}
-        if command == "info":
-            return launcher.info()
-        raise ValueError(command)
+        return launcher.helper(pool, command, args)
 
     def expand(self, path):
         return os.path.expanduser(path)

@@ -302,21 +302,23 @@ class SshTransport(Transport):
         return self.client().open_sftp()
 
     # the launcher as remote helper -----------------------------------------------------
-    def helper(self, command, *args, python="python3", pool=""):
+    def helper(self, command, *, python="python3", pool="", **args):
+        import json
         from pilotflow.launcher import parse_answer
         from pilotflow.launcher_text import launcher_hash, launcher_source
         py = shlex.split(python or self.python)
         if command == "info" or not pool:
-            argv = py + ["-", command, *args]
+            argv = py + ["-", "info"]
             r = self.run(argv, input=launcher_source().encode())
         else:
             pool = self.expand(pool)
             path = f"{pool}/.launcher-{launcher_hash()}.py"
-            argv = py + [path, command, pool, *_helper_args(command, args)]
-            r = self.run(argv)
+            argv = py + [path, "helper", pool, command]
+            data = json.dumps(args).encode()
+            r = self.run(argv, input=data)
             if r.returncode != 0 and ("No such file" in r.stderr or "can't open file" in r.stderr):
                 self.write_file(path, launcher_source().encode())
-                r = self.run(argv)
+                r = self.run(argv, input=data)
         if r.returncode != 0:
             raise ExternalError(f"the pilotflow helper failed on {self.label}", argv=argv, returncode=r.returncode,
                                 stdout=r.stdout, stderr=r.stderr)
@@ -325,29 +327,6 @@ class SshTransport(Transport):
         except ValueError:
             raise ExternalError(f"the pilotflow helper on {self.label} printed something that is not JSON",
                                 argv=argv, stdout=r.stdout, stderr=r.stderr) from None
-
-
-def _helper_args(command: str, args: tuple) -> list[str]:
-    """The launcher's own command-line options for the client's helper calls."""
-    if command == "changes":
-        return ["--since", args[0]] if args else []
-    if command == "move":
-        import json
-        opts = dict(a.split("=", 1) for a in args)
-        return ["--to", opts["to"], "--names", *json.loads(opts["names"])]
-    if command == "scrub":
-        import json
-        out = []
-        for a in args:
-            k, v = a.split("=", 1)
-            if k in ("failed", "stale") and v == "1":
-                out.append(f"--{k}")
-            elif k in ("names", "pilots"):
-                out += [f"--{k}", *json.loads(v)]
-            elif k in ("timeout", "reason"):
-                out += [f"--{k}", v]
-        return out
-    return list(args)
 
 
 def _shpath(path: str) -> str:

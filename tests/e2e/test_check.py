@@ -13,6 +13,7 @@ def test_local_resource_passes_every_check_including_a_test_pilot(work):
     for what in ("connection", "python", "local commands", "root writable", "test pilot"):
         assert what in p.stdout
     assert "FAIL" not in p.stdout and "ran on" in p.stdout
+    assert "pilots renew themselves" in p.stdout and "can submit its follow-up" in " ".join(p.stdout.split())
     assert not list((work / ".pilotflow").glob(".pilotflow-check-*"))  # it cleans up after itself
 
 
@@ -71,4 +72,17 @@ command = "true"
             timeout=200)
     out = " ".join(p.stdout.split())
     assert "slurm commands" in out and "found sbatch, squeue, scancel" in out
-    assert "ran on" in out
+    assert "ran on" in out and "can submit its follow-up" in out
+    # a site whose nodes cannot submit (here: an sbatch that refuses inside jobs)
+    wrap = work / "nosubmit"
+    wrap.mkdir()
+    (wrap / "sbatch").write_text('#!/bin/sh\necho "sbatch: error: submission from compute nodes is disabled" >&2\n'
+                                 'exit 1\n')
+    (wrap / "sbatch").chmod(0o755)
+    text = (work / "jobs.toml").read_text().replace('partition = "debug"',
+                                                    f'partition = "debug"\nsetup = ["PATH={wrap}:$PATH"]')
+    (work / "jobs.toml").write_text(text)
+    p = cli("check", "jobs.toml", "--submit", cwd=work, env={**slurm_cluster.env, "COLUMNS": "300"}, check=3,
+            timeout=200)
+    out = " ".join(p.stdout.split())
+    assert "cannot submit its follow-up" in out and "submission from compute nodes is disabled" in out

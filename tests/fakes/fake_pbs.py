@@ -4,7 +4,8 @@ exists on this machine (nor in Debian or on PyPI).
 
 It follows the PBS Professional 2022.1 Reference Guide where pilotflow relies on it:
 ``qsub [-W depend=afterany:ID[:ID]] SCRIPT`` prints ``SEQ.SERVER``; ``#PBS`` directives
-(-N, -l select=N:ncpus=C..., -l walltime, -o, -j oe, -q, -A); the job starts in $HOME with
+(-N, -l select=N:ncpus=C..., -l walltime, -o, -j oe, -q, -A), overridden by the same options on
+the command line; ``-v VAR=value,...`` exported to the job; the job starts in $HOME with
 PBS_JOBID, PBS_JOBNAME, PBS_O_WORKDIR, PBS_NODEFILE (one line per chunk), NCPUS; the walltime
 is enforced (SIGTERM, then SIGKILL); ``qstat -x -f -F json IDS`` gives job_state Q/H/R/F and
 Exit_status; ``qdel`` ends a running job with SIGTERM (Exit_status 271 = 256 + 15);
@@ -61,19 +62,25 @@ def _hms(text):
 
 def qsub(argv):
     after = []
+    cli = []  # options given on the command line: they override the script's #PBS directives
+    env = {}  # -v VAR=value,...: exported to the job
     i = 0
     while i < len(argv) - 1:
         if argv[i] == "-W" and argv[i + 1].startswith("depend=afterany:"):
             after = argv[i + 1].split(":", 1)[1].split(":")
             i += 2
+        elif argv[i] == "-v":
+            env.update(kv.split("=", 1) for kv in argv[i + 1].split(",") if "=" in kv)
+            i += 2
+        elif argv[i] in ("-N", "-l", "-o", "-q", "-A", "-j"):
+            cli.append([argv[i], argv[i + 1]])
+            i += 2
         else:
             i += 1
     script = os.path.abspath(argv[-1])
     opts = {"N": os.path.basename(script), "nodes": 1, "ncpus": 1, "walltime": 3600, "o": None}
-    for line in open(script):
-        if not line.startswith("#PBS"):
-            continue
-        words = shlex.split(line[4:])
+    directives = [shlex.split(line[4:]) for line in open(script) if line.startswith("#PBS")]
+    for words in directives + cli:
         if words[:1] == ["-N"]:
             opts["N"] = words[1]
         elif words[:1] == ["-l"] and words[1].startswith("select="):
@@ -87,7 +94,7 @@ def qsub(argv):
     out = opts["o"] or "%s.o%s" % (opts["N"], job.split(".")[0])
     doc = {"id": job, "name": opts["N"], "script": script, "after": after, "nodes": opts["nodes"],
            "ncpus": opts["ncpus"], "walltime": opts["walltime"], "state": "H" if after else "Q",
-           "workdir": os.getcwd(), "output": os.path.join(os.getcwd(), out), "submitted": time.time()}
+           "workdir": os.getcwd(), "output": os.path.join(os.getcwd(), out), "submitted": time.time(), "env": env}
     _save(doc)
     subprocess.Popen([sys.executable, os.path.abspath(__file__), "_run", job], start_new_session=True,
                      stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -110,7 +117,8 @@ def _run(job):
     nodefile = _path("jobs", job + ".nodes")
     with open(nodefile, "w") as f:
         f.write("".join("fake-node%d\n" % (k + 1) for k in range(doc["nodes"])))
-    env = dict(os.environ, PBS_JOBID=job, PBS_JOBNAME=doc["name"], PBS_O_WORKDIR=doc["workdir"],
+    env = dict(os.environ, **doc.get("env", {}))
+    env.update(PBS_JOBID=job, PBS_JOBNAME=doc["name"], PBS_O_WORKDIR=doc["workdir"],
                PBS_NODEFILE=nodefile, NCPUS=str(doc["ncpus"]), PBS_ENVIRONMENT="PBS_BATCH",
                PATH=os.path.dirname(os.path.abspath(sys.argv[0])) + "/pbs_bin:" + os.environ.get("PATH", ""))
     with open(doc["output"], "wb") as out:

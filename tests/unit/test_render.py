@@ -7,6 +7,7 @@ and review the diff.
 
 import os
 import re
+import time
 import subprocess
 from pathlib import Path
 
@@ -96,3 +97,20 @@ def test_slurm_directives_in_order():
 def test_home_relative_pool_is_left_to_the_remote_shell():
     script = render_pilot(pilot(), resource("slurm"), RUN, "~/.pilotflow/" + RUN)
     assert f'POOL="$HOME"/.pilotflow/{RUN}' in script
+
+
+@pytest.mark.parametrize("scheduler", ["slurm", "sge", "pbs", "local"])
+def test_the_follow_up_script_takes_its_identity_from_the_environment(scheduler, tmp_path):
+    import subprocess
+    from pilotflow.render import RENEW_VARS, render_renewal
+    res = Resource(name="c", scheduler=scheduler, cores_per_node=4, max_nodes=2, max_walltime_s=600)
+    script = render_renewal(res, RUN, POOL)
+    assert "PILOT=\"$PILOTFLOW_RENEW_PILOT\"" in script
+    # the lines that use them run in dash as they will on a node
+    lines = [ln for ln in script.splitlines() if ln.startswith(("DEADLINE=", "PILOT=")) or "-gt 1 ]" in ln]
+    probe = "\n".join(ln.replace("; then", "; then :; fi") for ln in lines) + '\necho "$PILOT ${DEADLINE:-none}"\n'
+    env = {**dict(zip(RENEW_VARS, ("r2p1", "90", "2"))), "PATH": "/usr/bin:/bin"}
+    p = subprocess.run(["/bin/sh", "-c", probe], env=env, capture_output=True, text=True)
+    assert p.returncode == 0 and not p.stderr, p.stderr
+    pilot, deadline = p.stdout.split()
+    assert pilot == "r2p1" and (deadline == "none" if scheduler == "local" else abs(int(deadline) - time.time() - 90) < 5)

@@ -11,7 +11,7 @@ from pilotflow.bundle import bundle_from_dict
 from pilotflow.errors import RunFailed, UsageError
 from pilotflow.launcher import Pool, dump, write_atomic
 from pilotflow.run.records import RunRecord
-from pilotflow.run.submit import new_run
+from pilotflow.run.start import new_run
 from pilotflow.run.supervisor import Supervisor, idle_resources
 from pilotflow.run.sync import Session
 from tests.fakes.fake_transport import FakeSlurm, connector
@@ -189,3 +189,42 @@ def test_the_finished_run_runs_its_hook_once_and_reports_errors(tmp_path):
     with pytest.raises(RunFailed):
         sup.finished(st.counts)
     assert not (tmp_path / "finished.json").exists()  # once per run
+
+
+def test_a_run_nobody_carries_is_stalled_with_the_reason_and_the_command(tmp_path):
+    from pilotflow.launcher import claim_round, end_round
+    from pilotflow.run.supervisor import run_state, sync_run
+    record, clusters = start(tmp_path)
+    s = Session(record, connect=connector(clusters))
+    assert run_state(s, sync_run(s))[0] == "running"  # p1 is queued
+    run_pilot(record, "A", "p1", ["t-1"])
+    clusters["A"].set_all("COMPLETED")
+    pool = Pool(record.pool("A"))
+    k = claim_round(pool, "p1.0")
+    end_round(pool, k, "failed", error="sbatch exited 1: sbatch: error: not from compute nodes", host="n1")
+    state, reason = run_state(s, sync_run(s))
+    assert state == "stalled"
+    assert "the follow-up submitted from n1 was refused: sbatch exited 1" in reason
+    assert reason.endswith(f"`pilotflow wait {record.run}` carries it on from here")
+    for k in range(3):  # the budget spent by pilots' rounds
+        end_round(pool, claim_round(pool, "p1.0"), "done", pilots=[])
+    state, reason = run_state(s, sync_run(s))
+    assert "budget of A is spent (3 of max_follow_ups = 3 rounds)" in reason
+    assert f"`pilotflow retry {record.run}` gives it a fresh budget" in reason
+    assert run_state(s, sync_run(s))[0] == "stalled"
+
+
+def test_pilots_that_renewed_themselves_join_the_run_record(tmp_path):
+    from pilotflow.launcher import claim_round, end_round
+    from pilotflow.run.supervisor import sync_run
+    record, clusters = start(tmp_path)
+    pool = Pool(record.pool("A"))
+    k = claim_round(pool, "p1.0")
+    end_round(pool, k, "done", pilots=[{"id": "r1p1", "job_id": "77", "nodes": 1, "walltime_s": 120, "tokens": 5}])
+    clusters["A"].jobs["77"] = "RUNNING"
+    s = Session(record, connect=connector(clusters))
+    sync_run(s)
+    p = record.pilots["r1p1"]
+    assert (p.job_id, p.state, p.resource, p.tasks) == ("77", "running", "A", 5)
+    assert record.resources["A"].followups == 1
+    assert any(e.kind == "pilot" and e.name == "r1p1" for e in s.events)

@@ -15,5 +15,5 @@ module load 2023
 . ~/venv/bin/activate
 echo "it's $HOME"
 # one node: this machine
-python3 "$LAUNCHER" run "$POOL" --pilot "$PILOT" --mpi mpiexec --cores 16
+python3 "$LAUNCHER" run "$POOL" --pilot "$PILOT" --mpi mpiexec --cores 16 --walltime 1800
 echo $? > "$POOL/agents/$PILOT.exit"
