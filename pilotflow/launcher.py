@@ -461,8 +461,8 @@ def start_reaper(pool_root, pilot, agent):
 def kill_groups(pgids, grace, reap=False):
     """SIGTERM (then SIGKILL after ``grace`` seconds) every process group; wait until gone.
 
-    With ``reap``, our own children are reaped meanwhile (a zombie child keeps its group
-    "alive" until its parent reaps it)."""
+    With ``reap`` (a dict), our own children are reaped meanwhile (a zombie child keeps its
+    group "alive" until its parent reaps it) and their wait statuses kept in it by pid."""
     for sig in ((signal.SIGTERM, signal.SIGKILL) if grace > 0 else (signal.SIGKILL,)):
         for g in pgids:
             try:
@@ -471,17 +471,21 @@ def kill_groups(pgids, grace, reap=False):
                 pass
         deadline = time.time() + (grace if sig == signal.SIGTERM else 5.0)
         while time.time() < deadline:
-            if reap:
-                _reap_all()
+            if reap is not False:
+                _reap_all(reap if isinstance(reap, dict) else None)
             if not [g for g in pgids if _group_alive(g)]:
                 return
             time.sleep(0.02)
 
 
-def _reap_all():
+def _reap_all(statuses=None):
     try:
-        while os.waitpid(-1, os.WNOHANG)[0] > 0:
-            pass
+        while True:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+            if pid <= 0:
+                break
+            if statuses is not None:
+                statuses[pid] = status
     except OSError:
         pass
 
@@ -1308,11 +1312,18 @@ class Agent(object):
                              "stay locked and are run again once this launcher's lock is stale\n"
                              % (self.key, len(self.unwritten)))
         if self.running:
-            kill_groups(list(self.running), grace=2.0, reap=True)
-            _reap_all()
+            for t, start, code in self.reap():  # what ended by itself just now is a result, not a loss
+                self.finish(t, start, code, "")
+            statuses = {}
+            kill_groups(list(self.running), grace=2.0, reap=statuses)
+            _reap_all(statuses)
             for pid, (t, start) in list(self.running.items()):
-                self.pool.release(t.name, self.doc(t, LOCKED, start=start, end=time.time()),
-                                  "pilot %s stopped (%s)" % (self.pilot, self.exit_reason))
+                st = statuses.get(pid)
+                if st is not None and os.WIFEXITED(st) and os.WEXITSTATUS(st) == 0 and pid not in self.gang_pids:
+                    self.finish(t, start, 0, "")  # it completed as we stopped it: done, not lost
+                else:
+                    self.pool.release(t.name, self.doc(t, LOCKED, start=start, end=time.time()),
+                                      "pilot %s stopped (%s)" % (self.pilot, self.exit_reason))
                 self.tell_reaper("- %d\n" % pid)
             self.running.clear()
         try:

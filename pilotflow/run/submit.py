@@ -135,8 +135,13 @@ def submit_pilots(record: RunRecord, plan: Plan, transports: dict[str, Transport
                 rec = PilotRecord(id=p.id, resource=res.name, nodes=p.nodes, cores_per_node=p.cores_per_node,
                                   walltime_s=p.walltime_s, stage=p.stage, tasks=len(p.tasks))
                 record.add_pilot(rec)
-                rec.job_id = submit_once(t, sched, path, previous, job_name(record.run, p.id),
-                                         f"submitting pilot {p.id} to {res.name}", f"{pool}/pilots")
+                try:
+                    rec.job_id = submit_once(t, sched, path, previous, job_name(record.run, p.id),
+                                             f"submitting pilot {p.id} to {res.name}", f"{pool}/pilots")
+                except ExternalError:
+                    rec.state, rec.raw, rec.ended = "failed", "refused by the scheduler", time.time()
+                    record.save()
+                    raise
                 rec.submitted = time.time()
                 rec.state = "queued"
                 record.save()

@@ -177,7 +177,9 @@ resource = "cluster"
     assert "invalid partition" in p.stderr.lower()
     st = status_json(work, env=env)
     assert st["finished"] and st["counts"]["done"] == 12
-    assert {v["resource"] for v in st["pilots"].values()} == {"here"}
+    refused = {k: v for k, v in st["pilots"].items() if v["resource"] == "cluster"}
+    assert refused and all(v["state"] == "failed" and v["job_id"] is None for v in refused.values())
+    assert {v["state"] for v in st["pilots"].values() if v["resource"] == "here"} == {"ended"}
     # the same without --wait: the refusal is handled by submit itself
     run = cli("submit", "jobs.toml", cwd=work, env=env, check=0).stdout.strip()
     cli("wait", run, cwd=work, env=env, check=0, timeout=200)
