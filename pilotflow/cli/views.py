@@ -94,7 +94,8 @@ def print_runs(records) -> None:
         out.print("no runs in ./.pilotflow/runs")
         return
     t = Table()
-    for col in ("run", "bundle", "created", "pilots", "tokens", "state (at the last status or wait)"):
+    t.add_column("run", no_wrap=True)  # a run id is what users copy
+    for col in ("bundle", "created", "pilots", "tokens", "state (as last seen)"):
         t.add_column(col)
     import time as _t
     for r in records:

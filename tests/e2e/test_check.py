@@ -9,7 +9,7 @@ from tests.conftest import cli, write_bundle
 
 def test_local_resource_passes_every_check_including_a_test_pilot(work):
     write_bundle(work, '[bundle]\nname = "c"\n[[task]]\nname = "a"\ncommand = "true"\n')
-    p = cli("check", "jobs.toml", "--submit", cwd=work, check=0)
+    p = cli("check", "jobs.toml", "--submit", cwd=work, check=0, env={"COLUMNS": "300"})
     for what in ("connection", "python", "local commands", "root writable", "test pilot"):
         assert what in p.stdout
     assert "FAIL" not in p.stdout and "ran on" in p.stdout

@@ -207,3 +207,54 @@ matrix = { i = "1..3" }
     assert "sbatch" in p.stderr and "exit code" in p.stderr and "invalid partition" in p.stderr.lower()
     assert not p.stdout
     assert not list((work / "pools").iterdir()) and not list((work / ".pilotflow" / "runs").iterdir())
+
+
+def test_on_finish_fires_once_for_a_run_that_finished_unattended(work):
+    write_bundle(work, """
+[bundle]
+name = "hooked"
+on_finish = "cat >> finished.jsonl; echo >> finished.jsonl"
+[[task]]
+name = "t{i}"
+command = "true"
+matrix = { i = "1..5" }
+""")
+    cli("submit", "jobs.toml", cwd=work, check=0)
+    wait_in_pool(pool_of(work), 5, timeout=60)
+    assert not (work / "finished.jsonl").exists()  # nobody was watching
+    assert status_json(work)["state"] == "finished"
+    cli("status", cwd=work, check=0)
+    cli("wait", cwd=work, check=0)
+    lines = [ln for ln in (work / "finished.jsonl").read_text().splitlines() if ln.strip()]
+    assert len(lines) == 1 and json.loads(lines[0])["counts"]["done"] == 5
+
+
+@pytest.mark.sge
+def test_a_pilot_killed_while_it_submits_its_successor_loses_nothing_and_submits_nothing_twice(work, sge_cluster,
+                                                                                              tmp_path):
+    env = dict(sge_cluster.env)
+    slow = tmp_path / "slowsubmit"
+    slow.mkdir()
+    marker = tmp_path / "submitting"
+    real = subprocess.run(["sh", "-c", "command -v qsub"], env={**os.environ, **env}, capture_output=True,
+                          text=True).stdout.strip()
+    (slow / "qsub").write_text(f'#!/bin/sh\ntouch {marker}\nsleep 15\nexec {real} "$@"\n')
+    (slow / "qsub").chmod(0o755)
+    bundle(work, "sge", 'cores_per_node = 4\nmax_walltime = "45s"\npe = "smp"', 40,
+           extra=f'setup = ["PATH={slow}:$PATH"]')
+    run = cli("submit", "jobs.toml", cwd=work, env=env, check=0).stdout.strip()
+    end = time.time() + 120
+    while time.time() < end and not marker.exists():
+        time.sleep(0.5)
+    assert marker.exists(), "the pilot never tried to submit its follow-up"
+    job = status_json(work, run, env=env)["pilots"]["p1"]["job_id"]
+    subprocess.run(["qdel", job], env={**os.environ, **env}, check=True, capture_output=True)
+    cli("wait", run, cwd=work, env=env, check=0, timeout=280)
+    st = status_json(work, run, env=env)
+    assert st["state"] == "finished" and st["counts"]["done"] == 40
+    assert_once_and_never_overlapping(pool_of(work) / "work" / "rec", 40)
+    recs = rounds(Pool(str(pool_of(work))))
+    assert recs[1]["state"] == "claimed" and not recs[1].get("pilots")  # its claimant died mid-submission
+    done = [d for d in recs.values() if d["state"] == "done"]
+    assert len(done) == 1 and done[0]["by"] == "client"
+    assert "r1p1" not in st["pilots"]  # the killed submission never reached the scheduler
