@@ -69,6 +69,12 @@ class Transport(ABC):
         pass
 
 
+def unchanged(a, b) -> bool:
+    """Whether two files' stat results say the copy is up to date (size and whole-second mtime,
+    which every filesystem and SFTP keep)."""
+    return a.st_size == b.st_size and int(a.st_mtime) == int(b.st_mtime)
+
+
 def run_checked(t: Transport, argv: list[str], what: str, *, transient=None, input: bytes | None = None,
                 cwd: str | None = None, timeout: float = 120) -> Result:
     """Run, retrying with back-off while ``transient(result)`` says it may help; exit 3 after."""

@@ -8,7 +8,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from pilotflow.transport.base import Result, Transport
+from pilotflow.transport.base import Result, Transport, unchanged
 
 
 class LocalTransport(Transport):
@@ -44,8 +44,7 @@ class LocalTransport(Transport):
         dst = Path(remote)
         st = local.stat()
         try:
-            dt = dst.stat()
-            if dt.st_size == st.st_size and int(dt.st_mtime) == int(st.st_mtime):
+            if unchanged(dst.stat(), st):
                 return False
         except FileNotFoundError:
             pass

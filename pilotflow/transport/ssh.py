@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from pilotflow.errors import ExternalError, UsageError
-from pilotflow.transport.base import RETRY_DELAYS, Result, Transport
+from pilotflow.transport.base import RETRY_DELAYS, Result, Transport, unchanged
 
 _CACHE: dict[tuple, "SshTransport"] = {}
 _LOCK = threading.Lock()
@@ -267,7 +267,7 @@ class SshTransport(Transport):
         st = local.stat()
         try:
             rs = sftp.stat(remote)
-            if rs.st_size == st.st_size and int(rs.st_mtime) == int(st.st_mtime):
+            if unchanged(rs, st):
                 return False
         except FileNotFoundError:
             self.mkdirs([os.path.dirname(remote)])
@@ -286,7 +286,7 @@ class SshTransport(Transport):
             return False
         try:
             ls = local.stat()
-            if ls.st_size == rs.st_size and int(ls.st_mtime) == int(rs.st_mtime):
+            if unchanged(ls, rs):
                 return False
         except FileNotFoundError:
             pass

@@ -150,10 +150,9 @@ def test_a_node_that_cannot_submit_makes_the_run_stalled_and_wait_finishes_it(wo
     assert_once_and_never_overlapping(pool_of(work) / "work" / "rec", 40)
 
 
-@pytest.mark.slurm
-def test_a_refused_partition_fails_over_at_submit(work, slurm_cluster):
-    env = dict(slurm_cluster.env)
-    write_bundle(work, """
+def refused_bundle(work: Path, extra: str = "", tasks: int = 12) -> None:
+    """A Slurm resource on a partition that does not exist (sbatch refuses its pilots)."""
+    write_bundle(work, f"""
 [bundle]
 name = "refused"
 [[resource]]
@@ -161,17 +160,20 @@ name = "cluster"
 scheduler = "slurm"
 cores_per_node = 4
 partition = "nope"
-[[resource]]
-name = "here"
-scheduler = "local"
-cores_per_node = 2
+{extra}
 [[task]]
-name = "t{i}"
+name = "t{{i}}"
 command = "echo $PILOTFLOW_TOKEN > $PILOTFLOW_TOKEN.txt"
-matrix = { i = "1..12" }
+matrix = {{ i = "1..{tasks}" }}
 walltime = "1s"
 resource = "cluster"
 """)
+
+
+@pytest.mark.slurm
+def test_a_refused_partition_fails_over_at_submit(work, slurm_cluster):
+    env = dict(slurm_cluster.env)
+    refused_bundle(work, '[[resource]]\nname = "here"\nscheduler = "local"\ncores_per_node = 2')
     p = cli("submit", "jobs.toml", "--wait", cwd=work, env=env, check=0, timeout=200)
     assert "resource cluster looks broken: its scheduler refused the pilots" in p.stderr
     assert "invalid partition" in p.stderr.lower()
@@ -189,20 +191,7 @@ resource = "cluster"
 @pytest.mark.slurm
 def test_a_refused_partition_with_nowhere_to_go_leaves_nothing_behind(work, slurm_cluster):
     env = dict(slurm_cluster.env)
-    write_bundle(work, """
-[bundle]
-name = "refused"
-[[resource]]
-name = "cluster"
-scheduler = "slurm"
-cores_per_node = 4
-partition = "nope"
-root = "pools"
-[[task]]
-name = "t{i}"
-command = "true"
-matrix = { i = "1..3" }
-""")
+    refused_bundle(work, 'root = "pools"', tasks=3)
     p = cli("submit", "jobs.toml", cwd=work, env=env, check=3)
     assert "sbatch" in p.stderr and "exit code" in p.stderr and "invalid partition" in p.stderr.lower()
     assert not p.stdout

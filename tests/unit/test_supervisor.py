@@ -55,6 +55,15 @@ def run_pilot(record: RunRecord, resource: str, pilot: str, done: list[str]) -> 
     write_atomic(pool.path("agents", f"{pilot}.0.end"), dump({"end": now, "reason": "walltime", "ran": len(done)}))
 
 
+def assert_moved(record, clusters, src: str, dst: str, n: int = 6) -> None:
+    """Every token left ``src`` exclusively and one pilot was planned and submitted on ``dst``."""
+    owners = record.owners()
+    assert set(owners.values()) == {dst} and len(owners) == n
+    pool = Pool(record.pool(src))
+    assert {pool.state(name)["state"] for name in owners} == {"moved"}
+    assert len(Pool(record.pool(dst)).plans()) == 1 and len(clusters[dst].submitted()) == 1
+
+
 def test_every_pilot_ended_with_work_left_submits_a_follow_up_then_gives_up(tmp_path):
     record, clusters = start(tmp_path)
     slurm, clock = clusters["A"], Clock()
@@ -106,12 +115,7 @@ def test_an_unreachable_scheduler_fails_over_after_a_minute(tmp_path):
     clock.later(31)
     sup.step()
     assert "has not answered for" in record.broken("A")
-    assert len(clusters["B"].submitted()) == 1
-    owners = record.owners()
-    assert set(owners.values()) == {"B"} and len(owners) == 6
-    a = Pool(record.pool("A"))
-    assert {a.state(f"t-{i}")["state"] for i in range(1, 7)} == {"moved"}
-    assert len(Pool(record.pool("B")).plans()) == 1
+    assert_moved(record, clusters, "A", "B")
 
 
 def test_a_pilot_queued_past_max_queue_wait_fails_over(tmp_path):
@@ -126,7 +130,7 @@ def test_a_pilot_queued_past_max_queue_wait_fails_over(tmp_path):
     sup.step()
     assert "queued for more than 120 s" in record.broken("A")
     assert clusters["A"].jobs["1000"] == "CANCELLED"  # its queued pilot is withdrawn
-    assert len(clusters["B"].submitted()) == 1 and set(record.owners().values()) == {"B"}
+    assert_moved(record, clusters, "A", "B")
 
 
 def test_pilots_that_ran_nothing_make_a_resource_broken(tmp_path):
