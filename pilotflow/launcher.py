@@ -61,6 +61,7 @@ LOST_LIMIT = 5  # attempts lost to dying pilots before a token is given up as er
 VERSION = 1
 # Helper answers are framed: a cluster's shell start-up files (.bashrc, module banners) may
 # print before the helper runs; the client reads only what follows the last marker.
+GPU_VARS = ("CUDA_VISIBLE_DEVICES", "ROCR_VISIBLE_DEVICES", "ZE_AFFINITY_MASK")  # what the vendors read
 HELPER_MARK = "\n--pilotflow-helper-answer--\n"
 
 
@@ -385,7 +386,7 @@ def mkdirs(path):
 class Token(object):
     __slots__ = ("name", "command", "cores", "walltime", "memory", "env", "deps", "retries", "rank",
                  "stage", "own", "status", "attempt", "failures", "lost", "unmet", "queued", "scrubs",
-                 "nodes", "mpi", "ranks", "ranks_per_node")
+                 "nodes", "mpi", "ranks", "ranks_per_node", "gpus", "gpu_ids", "gpu_held")
 
     def __init__(self, d, rank):
         self.name = d["name"]
@@ -400,6 +401,9 @@ class Token(object):
         self.mpi = bool(d.get("mpi", False))
         self.ranks = int(d.get("ranks", 0))
         self.ranks_per_node = int(d.get("ranks_per_node", 0))
+        self.gpus = int(d.get("gpus", 0))
+        self.gpu_ids = None  # the devices of its current (or last) attempt
+        self.gpu_held = False  # whether it holds them now
         self.rank = rank
         self.stage = 0
         self.own = False
@@ -531,7 +535,7 @@ class Agent(object):
 
     def __init__(self, pool, pilot, agent=0, cores=1, memory=0, walltime=None, stage=0,
                  lock_timeout=None, idle_timeout=0.0, poll=0.5, steal_delay=1.0, warn_grace=10.0,
-                 deadline=None, mpi="mpiexec", node=None):
+                 deadline=None, mpi="mpiexec", node=None, gpus=(), mpi_plugin=None):
         self.pool = pool
         self.pilot = pilot
         self.agent = agent
@@ -553,6 +557,9 @@ class Agent(object):
         self.warn_grace = warn_grace
         self.host = node or node_name()
         self.mpi = mpi  # how ranks start: srun | mpirun (Open MPI's, daemons through srun) | mpiexec
+        self.mpi_plugin = mpi_plugin  # srun --mpi=...; None: the site's default
+        self.gpu_all = list(gpus)  # this node's devices for the pilot's tasks
+        self.gpu_free = list(gpus)
         self.gang_pilot = False  # the pilot has multi-node tokens: its agents coordinate
         self.gangs = {"draining": None, "running": []}  # the leader's reservations (agents/PILOT.gangs.json)
         self.gangs_mtime = None
@@ -736,16 +743,19 @@ class Agent(object):
                 break
             t.attempt += 1
             now = time.time()
+            self.take_gpus(t)
             lock = self.doc(t, LOCKED, start=now, end=None, exit_code=None, reason="", pid=os.getpid())
             try:
                 mine = self.pool.claim(t.name, t.attempt, dump(lock))
             except OSError as e:  # a full disk or quota: keep the token, try again later
                 t.attempt -= 1
+                self.give_gpus(t)
                 self.enqueue(t)
                 self.disk_trouble(e)
                 break
             if not mine:
                 t.attempt -= 1
+                self.give_gpus(t)
                 self.set_status(t, "other")
                 continue
             self.start(t, now)
@@ -790,7 +800,7 @@ class Agent(object):
             if t.nodes > 1:
                 continue  # whole-node gangs are started by the pilot's leader only
             if (t.cores <= self.free and (not self.memory or t.memory <= self.mem_free)
-                    and (room is None or t.walltime <= room)
+                    and t.gpus <= len(self.gpu_free) and (room is None or t.walltime <= room)
                     and (not stealing or (t.stage <= self.stage
                                           and now - self.ready_since.get(t.name, 0) >= self.steal_delay))):
                 found = t
@@ -807,13 +817,20 @@ class Agent(object):
         env["PILOTFLOW_TOKEN"] = t.name
         env["PILOTFLOW_CORES"] = str(t.cores)
         env["PILOTFLOW_ATTEMPT"] = str(t.attempt)
+        if self.gpu_all:  # each task sees only its own devices, in every vendor's variable
+            ids = ",".join(t.gpu_ids or ())
+            for var in GPU_VARS:
+                env[var] = ids
+            env["PILOTFLOW_GPUS"] = ids
+            env.pop("HIP_VISIBLE_DEVICES", None)  # would index into ROCR's list, not the node's
         for k, v in t.env:
             env[k] = v
         self.set_status(t, LOCKED)
         argv = None
         if t.mpi:  # ranks on this node, through the scheduler's launcher
             n = t.ranks or t.cores
-            argv = mpi_argv(self.mpi, t, [(self.host, n)], log + ".hosts", max(1, t.cores // n), env)
+            argv = mpi_argv(self.mpi, t, [(self.host, n)], log + ".hosts", max(1, t.cores // n), env,
+                            self.mpi_plugin)
         try:
             pid = spawn(t.command, env, log + ".out", log + ".err", argv)
         except OSError as e:
@@ -822,8 +839,10 @@ class Agent(object):
                 self.unwritten.append((t.name, self.doc(t, TODO, start=now, end=time.time(), exit_code=None,
                                                         reason="could not create its log files: %s" % e)))
                 self.set_status(t, TODO)
+                self.give_gpus(t)
                 self.enqueue(t)
                 return
+            self.give_gpus(t)
             self.finish(t, now, 127, "could not start /bin/sh: %s" % e)
             return
         self.running[pid] = (t, now)
@@ -845,9 +864,25 @@ class Agent(object):
             else:
                 self.finish(t, start, code, "")
 
+    def take_gpus(self, t):
+        t.gpu_ids = None
+        if t.gpus and t.nodes == 1:
+            t.gpu_ids, self.gpu_free = self.gpu_free[:t.gpus], self.gpu_free[t.gpus:]
+            t.gpu_held = True
+
+    def give_gpus(self, t):
+        """Its devices back to the node's free list (in the node's own order), exactly once;
+        ``gpu_ids`` stays, for the attempt's state record."""
+        if t.gpu_held:
+            back = set(t.gpu_ids) | set(self.gpu_free)
+            self.gpu_free = [g for g in self.gpu_all if g in back]
+            t.gpu_held = False
+
     def doc(self, t, state, **kw):
         d = {"token": t.name, "state": state, "attempt": t.attempt, "failures": t.failures, "lost": t.lost,
              "scrubs": t.scrubs, "pilot": self.pilot, "agent": self.agent, "host": self.host}
+        if t.gpu_ids:
+            d["gpus"] = list(t.gpu_ids)
         d.update(kw)
         return d
 
@@ -873,6 +908,7 @@ class Agent(object):
             else:
                 self.free += t.cores
                 self.mem_free += t.memory
+                self.give_gpus(t)
             self.tell_reaper("- %d\n" % pid)
             code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status)
             ended.append((t, start, code))
@@ -1136,7 +1172,7 @@ class Agent(object):
         argv = None
         if t.mpi:
             argv = mpi_argv(self.mpi, t, [(n, per_node) for n in names], log + ".hosts",
-                            max(1, self.cores // per_node), env)
+                            max(1, self.cores // per_node), env, self.mpi_plugin)
         else:
             with open(log + ".hosts", "w") as f:
                 f.write("".join("%s slots=%d\n" % (n, self.cores) for n in names))
@@ -1482,8 +1518,14 @@ def size_round(spec, left, ratio):
     overhead = float(spec.get("overhead", 20))
     step = int(spec.get("walltime_step") or 1)
     runtime = dict((d["name"], float(d.get("walltime", 600)) * ratio) for d in left)
-    width = dict((d["name"], cpn * int(d.get("nodes", 1)) if int(d.get("nodes", 1)) > 1
-                  else min(cpn, int(d.get("cores", 1)))) for d in left)
+    gpn = int(spec.get("gpus_per_node") or 0)
+
+    def cores_taken(d):  # a GPU's share of the node counts where GPUs bind
+        if int(d.get("nodes", 1)) > 1:
+            return cpn * int(d.get("nodes", 1))
+        gpu_share = int(math.ceil(int(d.get("gpus", 0)) * cpn / float(gpn))) if gpn else 0
+        return min(cpn, max(int(d.get("cores", 1)), gpu_share))
+    width = dict((d["name"], cores_taken(d)) for d in left)
     widest = max(-(-width[n] // cpn) for n in runtime)
     node_s = sum(width[n] * runtime[n] for n in runtime) / float(cpn)
     if wmax is None:
@@ -1546,7 +1588,8 @@ def submit_round(pool, spec, k, pilots, stage):
         if job is None:
             pool.write_plan(pid, names, stage, {"round": k, "created": time.time(), "void": True})
             break
-        done.append({"id": pid, "job_id": job, "nodes": nodes, "walltime_s": walltime, "tokens": len(names)})
+        done.append({"id": pid, "job_id": job, "nodes": nodes, "walltime_s": walltime, "tokens": len(names),
+                     "gpus_per_node": int(spec.get("gpus_per_node") or 0)})
     return done, error
 
 
@@ -1638,7 +1681,7 @@ def _which(prog, env):
     raise OSError(errno.ENOENT, "%s: command not found" % prog)
 
 
-def mpi_argv(style, t, hosts, hostfile, per_rank=1, env=None):
+def mpi_argv(style, t, hosts, hostfile, per_rank=1, env=None, plugin=None):
     """How ranks start inside the allocation, in the style the batch script chose: ``srun``
     (Slurm's own), ``mpirun`` (Open MPI's, its daemons started through srun) or ``mpiexec``
     with a host file of the allocation. ``hosts`` are (node name, ranks there) pairs."""
@@ -1652,8 +1695,8 @@ def mpi_argv(style, t, hosts, hostfile, per_rank=1, env=None):
                 + shell)
     if style == "srun":
         return (["srun", "--overlap", "--nodes=%d" % len(hosts), "--nodelist=" + ",".join(h for h, _ in hosts),
-                 "--ntasks=%d" % ranks, "--cpus-per-task=%d" % per_rank, "--kill-on-bad-exit=1", "--mpi=pmix"]
-                + shell)
+                 "--ntasks=%d" % ranks, "--cpus-per-task=%d" % per_rank, "--kill-on-bad-exit=1"]
+                + (["--mpi=%s" % plugin] if plugin else []) + shell)
     with open(hostfile, "w") as f:
         for h, n in hosts:
             f.write("%s slots=%d\n" % (h, n))
@@ -1695,6 +1738,10 @@ def main(argv=None):
     r.add_argument("--deadline", type=float, default=None, help="epoch seconds when the scheduler ends the pilot")
     r.add_argument("--mpi", default="mpiexec", choices=("srun", "mpirun", "mpiexec"),
                    help="how MPI ranks start (the batch script chooses its scheduler's way)")
+    r.add_argument("--mpi-plugin", default=None, help="srun --mpi=PLUGIN (default: the site's MpiDefault)")
+    r.add_argument("--gpus", type=int, default=0, help="GPUs of this node the pilot's tasks may use")
+    r.add_argument("--gpu-var", default=None, help="environment variable listing the node's devices "
+                   "(default: the first of %s that is set, else 0..GPUS-1)" % ", ".join(GPU_VARS))
     r.add_argument("--idle-timeout", type=float, default=0.0)
     r.add_argument("--poll", type=float, default=0.5)
     r.add_argument("--steal-delay", type=float, default=1.0)
@@ -1714,7 +1761,8 @@ def main(argv=None):
         cores = a.cores or _node_cores()
         ag = Agent(pool, a.pilot, agent=agent, cores=cores, memory=a.memory, walltime=a.walltime or None,
                    idle_timeout=a.idle_timeout, poll=a.poll, steal_delay=a.steal_delay, warn_grace=a.warn_grace,
-                   deadline=a.deadline, mpi=a.mpi, node=node_name(a.node_var))
+                   deadline=a.deadline, mpi=a.mpi, node=node_name(a.node_var), gpus=node_gpus(a.gpus, a.gpu_var),
+                   mpi_plugin=a.mpi_plugin)
         return ag.run()
     if a.cmd == "info":
         answer(info())
@@ -1792,6 +1840,18 @@ def parse_answer(stdout):
     if HELPER_MARK in stdout:
         stdout = stdout.rsplit(HELPER_MARK, 1)[1]
     return json.loads(stdout)
+
+
+def node_gpus(count, var=None):
+    """The device ids this node's tasks share: what the scheduler put in the job's environment
+    (the variable the batch script names, else a vendor's), else 0..count-1."""
+    if not count:
+        return []
+    for name in ([var] if var else []) + list(GPU_VARS):
+        ids = [x.strip() for x in (os.environ.get(name) or "").split(",") if x.strip()]
+        if ids:
+            return ids[:count]
+    return [str(i) for i in range(count)]
 
 
 def _node_cores():

@@ -60,16 +60,21 @@ def render_pilot(pilot: PilotPlan, resource: Resource, run: str, pool: str, *,
                     "walltime_text": pilot.walltime_s, "nodes": pilot.nodes})
 
 
+def renewal_gpus(resource: Resource, tasks) -> int:
+    """GPUs per node follow-up pilots ask for: all of a node's when any of the tasks needs one."""
+    return resource.gpus_per_node if any(t.gpus for t in tasks) else 0
+
+
 RENEW_VARS = ("PILOTFLOW_RENEW_PILOT", "PILOTFLOW_RENEW_WALLTIME", "PILOTFLOW_RENEW_NODES")
 
 
-def render_renewal(resource: Resource, run: str, pool: str) -> str:
+def render_renewal(resource: Resource, run: str, pool: str, gpus: int = 0) -> str:
     """The batch script of follow-up pilots that pilots submit themselves: the same script,
     its pilot id, walltime and node count taken from the environment the submission sets
     (``RENEW_VARS``; the submit command's options override its directives)."""
     cap = resource.max_walltime_s or 0
     shape = PilotPlan(id="renew", resource=resource.name, nodes=1, cores_per_node=resource.cores_per_node,
-                      walltime_s=cap or 60, makespan_s=0, tasks=[], busy_core_s=0)
+                      walltime_s=cap or 60, makespan_s=0, tasks=[], busy_core_s=0, gpus_per_node=gpus)
     pilot_var, walltime_var, nodes_var = (f'"${v}"' for v in RENEW_VARS)
     walltime_var = f"${{{RENEW_VARS[1]}}}"  # a number, unquoted: it goes into $(( ))
     return _render(shape, resource, run, pool, [],
@@ -86,15 +91,18 @@ def _render(pilot: PilotPlan, resource: Resource, run: str, pool: str, launcher_
     try:
         directives = sched.directives(job_name=job_name(run, pilot.id), nodes=pilot.nodes,
                                       cores_per_node=resource.cores_per_node, walltime_s=pilot.walltime_s,
-                                      resource=resource, output=sched.output_name(pilot.id))
+                                      resource=resource, output=sched.output_name(pilot.id), gpus=pilot.gpus_per_node)
     except ValueError as e:
         raise UsageError(f"resource '{resource.name}': {e}") from None
+    if pilot.gpus_per_node:  # the launcher hands out this many per node
+        launcher_args = list(launcher_args) + ["--gpus", str(pilot.gpus_per_node)]
     args = "".join(" " + shlex.quote(a) for a in launcher_args)
     return _env().get_template(sched.template).render(
         pilot=pilot, resource=resource, run=run, pool=pool, directives=directives, python=python_words(resource),
         cores=pilot.cores, launcher_source=src if src.endswith("\n") else src + "\n", launcher_hash=digest,
         heredoc=heredoc, launcher_args=args, version=__version__,
-        backend_args=" ".join(shlex.quote(a) for a in sched.launcher_options(resource)), **shape)
+        backend_args=" ".join(shlex.quote(a) for a in sched.launcher_options(resource)), gpus=pilot.gpus_per_node,
+        **shape)
 
 
 def pool_path(resource: Resource, root: str, run: str, taken: set[tuple] = frozenset()) -> str:

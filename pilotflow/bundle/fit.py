@@ -43,6 +43,13 @@ def unfit(t: Task, resources: list[Resource]) -> tuple[str, str] | None:
             return "cores", (f"needs {t.cores} cores on one node but the largest node has "
                              f"{best.cores_per_node} ({best.name}); lower cores, or use mpi = true "
                              "to spread ranks over nodes")
+    if t.gpus:  # on one node; a task on several holds them whole, GPUs included
+        gpu = [r for r in fits if task_nodes(t, r.cores_per_node) > 1 or r.gpus_per_node >= t.gpus]
+        if not gpu:
+            best = max(fits, key=lambda r: r.gpus_per_node)
+            return "gpus", (f"needs {t.gpus} GPU(s) on one node but the most a node has is {best.gpus_per_node} "
+                            f"({best.name}); set gpus_per_node on the resource or lower gpus")
+        fits = gpu
     if t.memory_mb is not None:
         mem = [r for r in fits if r.memory_per_node_mb is None or r.memory_per_node_mb >= t.memory_mb]
         if not mem:

@@ -36,6 +36,7 @@ class Task:
     nodes: int = 1
     mpi: bool = False
     ranks_per_node: int | None = None
+    gpus: int = 0  # GPUs of the task, on its node, for its whole run (a multi-node task holds its nodes whole)
     origin: tuple = ()
 
 
@@ -64,7 +65,10 @@ class Resource:
     walltime_margin: float = 0.05
     max_queue_wait_s: int | None = None
     max_follow_ups: int = 3  # rounds of follow-up pilots (submitted by pilots or by `wait`)
-    mpi_launcher: str = "srun"  # Slurm: srun --mpi=pmix, or Open MPI's mpirun (daemons through srun)
+    gpus_per_node: int = 0  # GPUs per node the planner and launcher hand out
+    gpu_resource: str = "gpu"  # the scheduler's name for GPUs (Slurm GRES, Grid Engine complex)
+    mpi_plugin: str | None = None  # Slurm: srun --mpi=...; None: the site's MpiDefault
+    mpi_launcher: str = "srun"  # Slurm: srun (with mpi_plugin, if any), or Open MPI's mpirun (daemons through srun)
     origin: tuple = ()
 
     @property

@@ -31,7 +31,7 @@ TASK_FIELDS = {
     "retries": F.integer(0, 1000), "env": F.env_table, "after": F.str_list(F.nonempty_text),
     "inputs": F.str_list(F.relative_path), "outputs": F.str_list(F.relative_path),
     "resource": F.nonempty_text, "nodes": F.integer(1), "mpi": F.boolean,
-    "ranks_per_node": F.integer(1),
+    "ranks_per_node": F.integer(1), "gpus": F.integer(0, 64),
 }
 TASK_KEYS = {"name": F.nonempty_text, "command": F.nonempty_text, "matrix": None, **TASK_FIELDS}
 TASKS_FROM_KEYS = {"file": F.nonempty_text, "name": F.nonempty_text, **TASK_FIELDS}
@@ -44,7 +44,8 @@ RESOURCE_KEYS = {
     "qos": F.directive_word, "pe": F.directive_word, "directives": F.str_list(F.directive),
     "setup": F.str_list(F.text), "python": F.command_name, "walltime_margin": F.fraction(0, 1),
     "max_queue_wait": F.positive_duration, "mpi_launcher": F.choice("srun", "mpirun"),
-    "max_follow_ups": F.integer(0, 100),
+    "max_follow_ups": F.integer(0, 100), "gpus_per_node": F.integer(0, 64),
+    "gpu_resource": F.directive_word, "mpi_plugin": F.directive_word,
 }
 # Scheduler words that mean the same thing (SPEC: "partition/queue, account/project").
 ALIASES = {"queue": "partition", "project": "account"}

@@ -1,6 +1,6 @@
 """Interchangeable tasks and the priority order shared by planner, simulator and launcher.
 
-Two tasks are interchangeable when they have the same shape (cores, walltime, memory) and
+Two tasks are interchangeable when they have the same shape (cores, walltime, memory, GPUs) and
 the same dependencies *and* dependants. The planner's model, the simulator and the plan all
 work on such groups, so their size depends on the number of distinct shapes and dependency
 roles, not on the number of tasks.
@@ -23,10 +23,11 @@ class Group:
     members: list[int] = field(default_factory=list)  # task indices, ascending
     bottom: int = 0  # longest path (seconds) from the start of this group to the end of all work
     rank: int = 0
+    gpus: int = 0  # per task, on its node (a multi-node task holds its nodes whole)
 
     @property
-    def shape(self) -> tuple[int, int, int, int]:
-        return (self.cores, self.walltime, self.memory, self.nodes)
+    def shape(self) -> tuple[int, int, int, int, int]:
+        return (self.cores, self.walltime, self.memory, self.nodes, self.gpus)
 
 
 def build_groups(tasks: list[Task], indices: list[int],
@@ -51,11 +52,12 @@ def build_groups(tasks: list[Task], indices: list[int],
         deps = frozenset(by_name[d] for d in t.after if d in by_name)
         k = task_nodes(t, cores_per_node)
         cores = cores_per_node if k > 1 and cores_per_node else t.cores
-        key = (cores, t.walltime_s, t.memory_mb or 0, k, deps, frozenset(succ[i]))
+        gpus = 0 if k > 1 else t.gpus
+        key = (cores, t.walltime_s, t.memory_mb or 0, k, gpus, deps, frozenset(succ[i]))
         g = key_of.get(key)
         if g is None:
             g = key_of[key] = len(groups)
-            groups.append(Group(cores, t.walltime_s, t.memory_mb or 0, k, ()))
+            groups.append(Group(cores, t.walltime_s, t.memory_mb or 0, k, (), gpus=gpus))
         groups[g].members.append(i)
         gid_of[i] = g
     for g in groups:
@@ -63,7 +65,7 @@ def build_groups(tasks: list[Task], indices: list[int],
         g.deps = tuple(sorted({gid_of[by_name[d]] for d in tasks[first].after if d in by_name}))
     _bottom_levels(groups)
     order = sorted(range(len(groups)), key=lambda g: (-groups[g].bottom, -groups[g].cores * groups[g].nodes,
-                                                      -groups[g].walltime, groups[g].members[0]))
+                                                      -groups[g].gpus, -groups[g].walltime, groups[g].members[0]))
     remap = {old: new for new, old in enumerate(order)}
     ranked = [groups[old] for old in order]
     for new, g in enumerate(ranked):

@@ -36,6 +36,7 @@ class PilotPlan:
     tasks: list[int]  # task indices, in rank order
     busy_core_s: int
     stage: int = 0  # stage k starts after every pilot of stage k-1 ended (scheduler dependency)
+    gpus_per_node: int = 0  # GPUs the pilot asks for on each node (0: its tasks need none)
 
     @property
     def cores(self) -> int:
@@ -93,7 +94,7 @@ class Plan:
                 "pilots": [{
                     "id": p.id, "nodes": p.nodes, "cores": p.cores, "walltime_s": p.walltime_s,
                     "tasks": [names[i] for i in p.tasks], "busy_core_s": p.busy_core_s,
-                    "efficiency": round(p.efficiency, 3),
+                    "efficiency": round(p.efficiency, 3), **({"gpus_per_node": p.gpus_per_node} if p.gpus_per_node else {}),
                 } for p in r.pilots],
             } for r in self.resources],
         }
@@ -250,22 +251,31 @@ def _plan_stage(bundle: Bundle, res: Resource, groups: list[Group], margin: floa
     per_pilot = members(groups, counts + [overflow])
     for mine, s in zip(per_pilot, sizes):
         busy = sum(_cores_used(tasks[i], res) * tasks[i].walltime_s for i in mine)
+        gpus = res.gpus_per_node if any(tasks[i].gpus for i in mine) else 0
         pilots.append(PilotPlan(id="", resource=res.name, nodes=s.nodes, cores_per_node=res.cores_per_node,
-                                walltime_s=s.walltime, makespan_s=s.span, tasks=mine, busy_core_s=busy))
+                                walltime_s=s.walltime, makespan_s=s.span, tasks=mine, busy_core_s=busy,
+                                gpus_per_node=gpus))
     return pilots, lb, used_solver, per_pilot[-1]
 
 
 def _cores_used(t: Task, res: Resource) -> int:
-    """Cores a task holds: whole nodes for a multi-node task, else its cores."""
+    """Cores a task holds (whole nodes for a multi-node task), counting the share of the node
+    its GPUs take where those bind: efficiency then counts GPU-hours."""
     k = task_nodes(t, res.cores_per_node)
-    return k * res.cores_per_node if k > 1 else t.cores
+    if k > 1:
+        return k * res.cores_per_node
+    return min(res.cores_per_node, effective_cores(t.cores, 0, res, t.gpus))
 
 
-def effective_cores(cores: int, memory: int, res: Resource) -> int:
-    """Cores a task takes from a node for packing: its memory may take more than its cores."""
+def effective_cores(cores: int, memory: int, res: Resource, gpus: int = 0) -> int:
+    """Cores a task takes from a node for packing: its memory or its GPUs may take more of
+    the node than its cores (a 1-GPU task on a 4-GPU, 32-core node takes a quarter of it)."""
+    out = cores
     if memory and res.memory_per_node_mb:
-        return max(cores, math.ceil(memory * res.cores_per_node / res.memory_per_node_mb))
-    return cores
+        out = max(out, math.ceil(memory * res.cores_per_node / res.memory_per_node_mb))
+    if gpus and res.gpus_per_node:
+        out = max(out, math.ceil(gpus * res.cores_per_node / res.gpus_per_node))
+    return out
 
 
 def _shapes(groups: list[Group], res: Resource) -> tuple[list[Shape], list[list[int]]]:
@@ -274,7 +284,7 @@ def _shapes(groups: list[Group], res: Resource) -> tuple[list[Shape], list[list[
     members_of: list[list[int]] = []
     for gi, g in enumerate(groups):
         cores = res.cores_per_node if g.nodes > 1 else min(res.cores_per_node,
-                                                             effective_cores(g.cores, g.memory, res))
+                                                             effective_cores(g.cores, g.memory, res, g.gpus))
         key = (cores, g.walltime, g.nodes)
         if key not in index:
             index[key] = len(shapes)

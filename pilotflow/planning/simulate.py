@@ -37,6 +37,7 @@ class SimGroup:
     count: dict[int, int] = field(default_factory=dict)
     stage: int = 0  # pilots steal only tokens of their own stage or earlier ones
     nodes: int = 1  # > 1: a gang of whole nodes (never stolen; started through a reservation)
+    gpus: int = 0  # per task, on its node
 
 
 @dataclass
@@ -47,6 +48,7 @@ class SimPilot:
     walltime: float | None = None  # None: no limit
     start: float = 0.0
     stage: int = 0
+    gpus_per_node: int = 0
 
 
 @dataclass
@@ -64,11 +66,12 @@ class SimResult:
 
 
 class _Node:
-    __slots__ = ("pilot", "free", "mem", "hungry", "ends", "cores")
+    __slots__ = ("pilot", "free", "mem", "hungry", "ends", "cores", "gpus")
 
-    def __init__(self, pilot: int, cores: int, mem: float):
+    def __init__(self, pilot: int, cores: int, mem: float, gpus: int = 0):
         self.pilot, self.free, self.mem, self.hungry = pilot, cores, mem, True
         self.cores = cores
+        self.gpus = gpus  # free GPUs
         self.ends: list[float] = []  # end times of what runs here (for reservations)
 
 
@@ -110,7 +113,7 @@ class _Simulation:
         self.nodes: list[_Node] = []
         for pi, p in enumerate(pilots):
             mem = INF if p.memory_per_node is None else p.memory_per_node
-            self.nodes.extend(_Node(pi, p.cores_per_node, mem) for _ in range(p.nodes))
+            self.nodes.extend(_Node(pi, p.cores_per_node, mem, p.gpus_per_node) for _ in range(p.nodes))
         self.pilot_nodes: list[list[int]] = [[] for _ in range(n_p)]
         for i, node in enumerate(self.nodes):
             self.pilot_nodes[node.pilot].append(i)
@@ -181,9 +184,12 @@ class _Simulation:
             k = min(self.left[gi][src], node.free // g.cores)
             if g.memory and node.mem != INF:
                 k = min(k, int(node.mem // g.memory))
+            if g.gpus:
+                k = min(k, node.gpus // g.gpus)
             self.claimed(gi, src, k)
             node.free -= k * g.cores
             node.mem -= k * g.memory
+            node.gpus -= k * g.gpus
             node.ends.append(now + g.walltime)
             self.start(node_i, p, gi, k, now)
         node.hungry = node.free > 0
@@ -293,6 +299,7 @@ class _Simulation:
                 node = self.nodes[ni]
                 node.free += k * g.cores
                 node.mem += k * g.memory
+                node.gpus += k * g.gpus
                 node.ends.remove(now)
                 node.hungry = True
                 p = node.pilot
@@ -339,10 +346,10 @@ def _pick(groups: list[SimGroup], ready: list[tuple[int, int]], node: _Node, roo
           left: list[dict[int, int]], pilot: int, stage: int = 0) -> tuple[int, int]:
     """First group in rank order that fits the node (last, when stealing: thieves take from
     the back); returns (gid, source pilot) or (-1, -1)."""
-    free, mem = node.free, node.mem
+    free, mem, gpus = node.free, node.mem, node.gpus
     for _, gi in (ready if pilot >= 0 else reversed(ready)):
         g = groups[gi]
-        if (g.nodes == 1 and g.cores <= free and g.memory <= mem and g.walltime <= room
+        if (g.nodes == 1 and g.cores <= free and g.memory <= mem and g.gpus <= gpus and g.walltime <= room
                 and (pilot >= 0 or g.stage <= stage)):
             if pilot >= 0:
                 return gi, pilot

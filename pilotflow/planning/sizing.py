@@ -56,14 +56,18 @@ class Stage:
 
     def sim_groups(self, counts: list[Counts]) -> list[SimGroup]:
         return [SimGroup(cores=g.cores, walltime=g.walltime, memory=g.memory, deps=g.deps, rank=g.rank,
-                         count={p: c[gi] for p, c in enumerate(counts) if c.get(gi)}, nodes=g.nodes)
+                         count={p: c[gi] for p, c in enumerate(counts) if c.get(gi)}, nodes=g.nodes, gpus=g.gpus)
                 for gi, g in enumerate(self.groups)]
+
+    def sim_pilot(self, nodes: int, limit: float | None, start: float = 0.0, stage: int = 0) -> SimPilot:
+        r = self.res
+        return SimPilot(nodes, r.cores_per_node, r.memory_per_node_mb, limit, start=start, stage=stage,
+                        gpus_per_node=r.gpus_per_node)
 
     def alone(self, count: Counts, nodes: int, limit: float | None):
         """Simulate one pilot on its own (dependencies on other pilots count as met)."""
         r = self.res
-        return simulate(self.sim_groups([count]), [SimPilot(nodes, r.cores_per_node, r.memory_per_node_mb, limit)],
-                        steal=False)
+        return simulate(self.sim_groups([count]), [self.sim_pilot(nodes, limit)], steal=False)
 
 
 CHUNK = 2  # tasks of one group a full pilot gets at least: keeps simulation batched
@@ -176,8 +180,7 @@ def repair(st: Stage, counts: list[Counts], sizes: list[Size]) -> tuple[list[Cou
         counts, sizes = [counts[p] for p in keep], [sizes[p] for p in keep]
         if not counts:
             return counts, sizes, overflow
-        pilots = [SimPilot(s.nodes, res.cores_per_node, res.memory_per_node_mb, st.usable(s.walltime))
-                  for s in sizes]
+        pilots = [st.sim_pilot(s.nodes, st.usable(s.walltime)) for s in sizes]
         r = simulate(st.sim_groups(counts), pilots, steal=rounds <= STEAL_ROUNDS)
         if r.complete:
             return counts, sizes, overflow

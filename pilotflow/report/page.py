@@ -62,6 +62,7 @@ class Attempt:
     exit_code: int | None = None
     reason: str = ""
     approx: bool = False  # end not observed: bounded by the next attempt's start / its node's end
+    gpus: int = 0
     lane: int = 0
     shown_end: float = -1.0  # the end drawn (see pack_lanes); -1: not packed yet
 
@@ -101,10 +102,15 @@ class PilotSpan:
     start: float | None = None  # first agent start
     end: float | None = None  # last agent end (now while it runs)
     rows: list[Row] = field(default_factory=list)
+    gpus_per_node: int = 0
 
     @property
     def cores(self) -> int:
         return self.nodes * self.cores_per_node
+
+    @property
+    def charged_gpu_s(self) -> float:
+        return self.nodes * self.gpus_per_node * (self.end - self.start) if self.start is not None else 0.0
 
     @property
     def charged_core_s(self) -> float:
@@ -147,6 +153,8 @@ class Report:
     failures: list[Failure]
     outcome_counts: dict[str, int]
     unseen_attempts: int  # earlier attempts with no start known: no bar
+    used_gpu_s: float = 0.0  # GPU-seconds of attempts, and of the pilots' allocations
+    charged_gpu_s: float = 0.0
 
     @property
     def efficiency(self) -> float | None:
@@ -212,7 +220,8 @@ def build(record, snap, session=None, now: float | None = None) -> Report:
         busy=resample(*busy, t0, t1), allocated=resample(*allocated, t0, t1),
         peak_busy=int(max(busy[1], default=0)), slowest=_slowest(attempts),
         failures=_failures(record, states, tasks, session), outcome_counts=outcome_counts,
-        unseen_attempts=unseen)
+        unseen_attempts=unseen, used_gpu_s=sum(a.gpus * a.shown for a in attempts),
+        charged_gpu_s=sum(p.charged_gpu_s for p in pilots.values()))
 
 
 def _natural(s: str):
@@ -230,7 +239,7 @@ def _pilot_spans(record, agents: dict, now: float) -> dict[str, PilotSpan]:
     out: dict[str, PilotSpan] = {}
     for p in record.pilots.values():
         out[p.id] = PilotSpan(p.id, p.resource, p.nodes, p.cores_per_node, p.walltime_s, p.state,
-                              p.job_id, p.submitted)
+                              p.job_id, p.submitted, gpus_per_node=p.gpus_per_node)
     for a in agents.values():
         pid = a.get("pilot")
         if pid not in out:  # a launcher of a pilot this record does not know: show it anyway
@@ -373,7 +382,8 @@ def _attempts(docs, states, tasks, pilots, now) -> tuple[list[Attempt], int]:
                 end, approx = min(bounds), True
             code = doc.get("exit_code")
             out.append(Attempt(name, n, outcome, start, max(start, end), pilot, agent, str(doc.get("host") or "?"),
-                               cores, int(code) if code is not None else None, str(doc.get("reason") or ""), approx))
+                               cores, int(code) if code is not None else None, str(doc.get("reason") or ""), approx,
+                               gpus=len(doc.get("gpus") or ())))
     return out, unseen
 
 

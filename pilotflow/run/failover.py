@@ -219,7 +219,7 @@ def _said(err: ExternalError) -> str:
 def _create_empty_pool(t, pool: str, record, res) -> None:
     meta = {"run": record.run, "lock_timeout": record.lock_timeout, "created": record.created, "resource": res.name}
     create_pool(t, pool, meta, [])
-    write_renewal(t, res, record.run, pool)
+    write_renewal(t, res, record.run, pool, res.gpus_per_node)
 
 
 def _cancel_queued(s: Session, name: str, only_queued: bool = False,

@@ -98,7 +98,8 @@ def adopt_renewals(s: Session, resource: str, rounds: dict) -> list[str]:
             rec = PilotRecord(id=p["id"], resource=resource, nodes=int(p.get("nodes", 1)),
                               cores_per_node=res.cores_per_node, walltime_s=int(p.get("walltime_s", 0)), stage=0,
                               tasks=int(p.get("tokens", 0)), job_id=str(p["job_id"]),
-                              submitted=float(doc.get("ended") or time.time()), state=QUEUED)
+                              submitted=float(doc.get("ended") or time.time()), state=QUEUED,
+                              gpus_per_node=int(p.get("gpus_per_node", 0)))
             record.add_pilot(rec)
             s.events += pilot_events(rec.id, "planned", QUEUED, False,
                                      {"resource": resource, "job_id": rec.job_id, "raw": f"follow-up round {k}"})

@@ -36,6 +36,7 @@ class PilotRecord:
     state: str = "planned"  # planned | queued | running | ended | failed | cancelled | unknown
     raw: str = ""
     ended: float | None = None
+    gpus_per_node: int = 0
 
 
 @dataclass

@@ -18,7 +18,7 @@ from typing import Callable
 from pilotflow.bundle import Bundle, Resource
 from pilotflow.errors import ExternalError, PilotflowError
 from pilotflow.planning.plan import Plan, make_plan
-from pilotflow.render import pool_path
+from pilotflow.render import pool_path, renewal_gpus
 from pilotflow.run.failover import fail_over_refused
 from pilotflow.run.pilots import cancel_pilots
 from pilotflow.run.records import ResourceState, RunRecord, new_run_id, runs_dir
@@ -84,7 +84,7 @@ def _create(record: RunRecord, bundle: Bundle, plan: Plan, rp, inputs, transport
     defs = [token_def(bundle.tasks[i], plan.rank[i], res) for i in sorted(rp.tasks, key=plan.rank.get)]
     create_pool(t, pool, {"run": record.run, "lock_timeout": bundle.lock_timeout_s, "resource": res.name,
                           "created": record.created}, defs)
-    write_renewal(t, res, record.run, pool)
+    write_renewal(t, res, record.run, pool, renewal_gpus(res, [bundle.tasks[i] for i in rp.tasks]))
     n = stage(t, bundle.base_dir, [p for i in rp.tasks for p in inputs.get(i, [])], pool)
     if n:
         log(f"staged {n} input file(s) to {res.name}:{pool}/work")

@@ -29,6 +29,8 @@ def token_def(t: Task, rank: int, res: Resource | None = None) -> dict:
     d = {"name": t.name, "command": t.command, "cores": t.cores, "walltime": t.walltime_s,
          "memory": t.memory_mb or 0, "env": [list(kv) for kv in t.env], "after": list(t.after),
          "retries": t.retries, "rank": rank}
+    if t.gpus:
+        d["gpus"] = t.gpus
     if t.nodes > 1 or t.mpi:
         k = task_nodes(t, res.cores_per_node if res else None)
         d["nodes"] = k
@@ -60,20 +62,20 @@ def create_pool(t: Transport, pool: str, meta: dict, defs: list[dict]) -> None:
     t.write_file(f"{pool}/defs/000000.json", dump(defs))
 
 
-def write_renewal(t: Transport, res: Resource, run: str, pool: str) -> bool:
+def write_renewal(t: Transport, res: Resource, run: str, pool: str, gpus: int = 0) -> bool:
     """What a pilot needs to submit its own follow-up on this resource (``pilots/renew.json``
     and the follow-up script ``pilots/renew.sh``), written once per pool. False when the
     resource's scheduler has no way to do it."""
     sched = backend(res)
-    argv = sched.renewal_argv(res, run)
+    argv = sched.renewal_argv(res, run, gpus)
     if argv is None:
         return False
-    t.write_file(f"{pool}/pilots/renew.sh", render_renewal(res, run, pool).encode(), mode=0o755)
+    t.write_file(f"{pool}/pilots/renew.sh", render_renewal(res, run, pool, gpus).encode(), mode=0o755)
     spec = {"argv": argv, "job_id_re": sched.job_id_re, "clear_env": list(sched.node_env_clear),
             "keep_env": list(sched.node_env_keep), "walltime_step": sched.walltime_step,
             "cores_per_node": res.cores_per_node, "max_nodes": res.max_nodes, "max_walltime": res.max_walltime_s,
             "margin": res.walltime_margin, "overhead": PILOT_OVERHEAD_S, "max_pilots": res.max_pilots,
-            "max_follow_ups": res.max_follow_ups, "resource": res.name}
+            "max_follow_ups": res.max_follow_ups, "resource": res.name, "gpus_per_node": gpus}
     t.write_file(f"{pool}/pilots/renew.json", dump(spec))
     return True
 
@@ -133,7 +135,8 @@ def submit_pilots(record: RunRecord, plan: Plan, transports: dict[str, Transport
                 path = f"{pool}/pilots/{p.id}.sh"
                 t.write_file(path, script.encode(), mode=0o755)
                 rec = PilotRecord(id=p.id, resource=res.name, nodes=p.nodes, cores_per_node=p.cores_per_node,
-                                  walltime_s=p.walltime_s, stage=p.stage, tasks=len(p.tasks))
+                                  walltime_s=p.walltime_s, stage=p.stage, tasks=len(p.tasks),
+                                  gpus_per_node=p.gpus_per_node)
                 record.add_pilot(rec)
                 try:
                     rec.job_id = submit_once(t, sched, path, previous, job_name(record.run, p.id),

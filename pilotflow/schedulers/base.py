@@ -61,7 +61,7 @@ class Scheduler(ABC):
     node_env_clear: tuple[str, ...] = ()  # prefixes of the job's own variables the submission must not inherit
     node_env_keep: tuple[str, ...] = ()  # ... except these
 
-    def renewal_argv(self, resource, run: str) -> list[str] | None:
+    def renewal_argv(self, resource, run: str, gpus: int = 0) -> list[str] | None:
         """The submit command a launcher runs for a follow-up pilot, with the placeholders
         {pilot} {nodes} {slots} {walltime_s} {walltime_hms} {script}; its options override
         the follow-up script's directives and set ``render.RENEW_VARS``. None: no renewal."""
@@ -81,8 +81,9 @@ class Scheduler(ABC):
 
     @abstractmethod
     def directives(self, *, job_name: str, nodes: int, cores_per_node: int, walltime_s: int, resource,
-                   output: str) -> list[str]:
-        """The directive lines' arguments, already validated for directive context."""
+                   output: str, gpus: int = 0) -> list[str]:
+        """The directive lines' arguments, already validated for directive context; ``gpus``:
+        GPUs per node, asked for in the scheduler's own words."""
 
     @abstractmethod
     def submit_argv(self, script: str, *, after: list[str] = ()) -> list[str]:

@@ -41,7 +41,7 @@ class Local(Scheduler):
     def for_resource(cls, resource):
         return cls(python=resource.python)
 
-    def directives(self, **kw):
+    def directives(self, **kw):  # a process on this machine: nothing to ask for
         return []
 
     def submit_argv(self, script, *, after=()):
@@ -54,7 +54,7 @@ class Local(Scheduler):
             raise ValueError(f"unexpected output starting the pilot: {stdout.strip()!r}")
         return pid
 
-    def renewal_argv(self, resource, run):
+    def renewal_argv(self, resource, run, gpus=0):
         return ["/bin/sh", "-c", 'PILOTFLOW_RENEW_PILOT="$2" PILOTFLOW_RENEW_WALLTIME="$3" PILOTFLOW_RENEW_NODES=1 '
                 'setsid /bin/sh "$1" >"$2.out" 2>&1 </dev/null & echo $!', "sh", "{script}", "{pilot}", "{walltime_s}"]
 

@@ -26,8 +26,8 @@ class Pbs(Scheduler):
 
     job_id_re = r"^(\S+)$"  # "123.server"
 
-    def renewal_argv(self, resource, run):
-        chunk = f"{{nodes}}:ncpus={resource.cores_per_node}:mpiprocs=1"
+    def renewal_argv(self, resource, run, gpus=0):
+        chunk = f"{{nodes}}:ncpus={resource.cores_per_node}" + (f":ngpus={gpus}" if gpus else "") + ":mpiprocs=1"
         if resource.memory_per_node_mb:
             chunk += f":mem={resource.memory_per_node_mb}mb"
         return ["qsub", "-N", renewal_job_name(run, 15), "-l", f"select={chunk}", "-l", "walltime={walltime_hms}",
@@ -44,8 +44,8 @@ class Pbs(Scheduler):
             return "qsub/qstat here are not PBS's (Grid Engine's?): use scheduler = \"sge\" or put PBS first in PATH"
         return None
 
-    def directives(self, *, job_name, nodes, cores_per_node, walltime_s, resource, output):
-        chunk = f"{nodes}:ncpus={cores_per_node}:mpiprocs=1"
+    def directives(self, *, job_name, nodes, cores_per_node, walltime_s, resource, output, gpus=0):
+        chunk = f"{nodes}:ncpus={cores_per_node}" + (f":ngpus={gpus}" if gpus else "") + ":mpiprocs=1"
         if resource.memory_per_node_mb:
             chunk += f":mem={resource.memory_per_node_mb}mb"
         d = [f"-N {directive_word(job_name, 'job name')[:15]}", f"-l select={chunk}",

@@ -27,9 +27,10 @@ class Sge(Scheduler):
     template = "sge.sh.j2"
     check_commands = ("qsub", "qstat", "qdel")
 
-    def renewal_argv(self, resource, run):
+    def renewal_argv(self, resource, run, gpus=0):
+        gpu = ["-l", f"{directive_word(resource.gpu_resource, 'gpu_resource')}={gpus}"] if gpus else []
         return ["qsub", "-terse", "-N", renewal_job_name(run), "-pe", directive_word(resource.pe, "pe"), "{slots}",
-                "-l", "h_rt={walltime_hms}", "-o", "{pilot}.out", "-v", RENEW_ENV, "{script}"]
+                "-l", "h_rt={walltime_hms}", "-o", "{pilot}.out", "-v", RENEW_ENV, *gpu, "{script}"]
 
     def node_submit_probe(self):
         return ["qsub", "-w", "v", "-b", "y", "true"]
@@ -42,12 +43,14 @@ class Sge(Scheduler):
             return "qsub/qstat here are not Grid Engine's (PBS's?): use scheduler = \"pbs\""
         return None
 
-    def directives(self, *, job_name, nodes, cores_per_node, walltime_s, resource, output):
+    def directives(self, *, job_name, nodes, cores_per_node, walltime_s, resource, output, gpus=0):
         d = [f"-N {directive_word(job_name, 'job name')}", "-S /bin/sh", "-cwd", "-j y",
              f"-o {directive_word(output, 'output file')}",
              f"-pe {directive_word(resource.pe, 'parallel environment')} {nodes * cores_per_node}",
              # h_rt only: the launchers hand their tokens back before it by themselves
              f"-l h_rt={hms(walltime_s)}"]
+        if gpus:  # the complex the site configured for GPUs (per host)
+            d.append(f"-l {directive_word(resource.gpu_resource, 'gpu_resource')}={gpus}")
         if resource.partition:
             d.append(f"-q {directive_word(resource.partition, 'queue')}")
         if resource.account:

@@ -37,17 +37,21 @@ class Slurm(Scheduler):
     node_env_clear = ("SLURM_", "SBATCH_", "SRUN_", "SALLOC_")  # the pilot's own job, not the follow-up's
     node_env_keep = ("SLURM_CONF",)
 
-    def renewal_argv(self, resource, run):
-        return ["sbatch", "--parsable", f"--job-name={renewal_job_name(run)}", "--nodes={nodes}",
-                "--time={walltime_hms}", "--output={pilot}.%j.out", f"--export=ALL,{RENEW_ENV}", "{script}"]
+    def renewal_argv(self, resource, run, gpus=0):
+        return (["sbatch", "--parsable", f"--job-name={renewal_job_name(run)}", "--nodes={nodes}",
+                 "--time={walltime_hms}", "--output={pilot}.%j.out", f"--export=ALL,{RENEW_ENV}"]
+                + ([f"--gres={directive_word(resource.gpu_resource, 'gpu_resource')}:{gpus}"] if gpus else [])
+                + ["{script}"])
 
     def node_submit_probe(self):
         return ["sbatch", "--test-only", "--wrap", "true"]
 
     def launcher_options(self, resource):
-        return super().launcher_options(resource) + ["--agent-var", "SLURM_NODEID", "--node-var", "SLURMD_NODENAME"]
+        plugin = ["--mpi-plugin", directive_word(resource.mpi_plugin, "mpi_plugin")] if resource.mpi_plugin else []
+        return (super().launcher_options(resource) + plugin
+                + ["--agent-var", "SLURM_NODEID", "--node-var", "SLURMD_NODENAME"])
 
-    def directives(self, *, job_name, nodes, cores_per_node, walltime_s, resource, output):
+    def directives(self, *, job_name, nodes, cores_per_node, walltime_s, resource, output, gpus=0):
         d = [f"--job-name={directive_word(job_name, 'job name')}",
              f"--nodes={nodes}", "--ntasks-per-node=1", f"--cpus-per-task={cores_per_node}",
              f"--time={format_hms(-(-walltime_s // 60) * 60)}",
@@ -57,6 +61,8 @@ class Slurm(Scheduler):
         # and hand their tokens back before it by themselves
         if resource.memory_per_node_mb:
             d.append(f"--mem={resource.memory_per_node_mb}M")
+        if gpus:  # GRES: understood by every Slurm, count-only configurations included
+            d.append(f"--gres={directive_word(resource.gpu_resource, 'gpu_resource')}:{gpus}")
         for key in ("partition", "account", "qos"):
             value = getattr(resource, key)
             if value:

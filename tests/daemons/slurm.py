@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import stat
 import signal
 import socket
 import subprocess
@@ -30,6 +31,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 MARKER = ".pilotflow-test-daemon"  # marks a workdir whose daemons we may kill
+GPUS_PER_NODE = 4  # count-only GPU GRES on every simulated node
 
 
 def log_tail(path: Path, lines: int = 25) -> str:
@@ -248,7 +250,18 @@ class SlurmCluster:
                  if self.fast else "")
         node_line = (f"NodeName=n[1-{n}] NodeHostname=localhost NodeAddr=127.0.0.1 "
                      f"Port=[{ports[1]}-{ports[n]}] CPUs={self.cpus_per_node} "
-                     "RealMemory=4000 State=UNKNOWN")
+                     f"RealMemory=4000 Gres=gpu:{GPUS_PER_NODE} State=UNKNOWN")
+        # GPUs that are not there: Slurm 22.05 drops GPUs without device files, so each is a
+        # character device node of our own (never opened; no cgroups here) — enough for Slurm
+        # to schedule them and set CUDA_VISIBLE_DEVICES in jobs, as on a GPU cluster
+        dev = w / "dev"
+        dev.mkdir(exist_ok=True)
+        for i in range(GPUS_PER_NODE):
+            node = dev / f"nvidia{i}"
+            if not node.exists():
+                os.mknod(node, stat.S_IFCHR | 0o644, os.makedev(195, i))
+        (w / "gres.conf").write_text(f"Name=gpu File={dev}/nvidia[0-{GPUS_PER_NODE - 1}]\n")
+        (w / "gres.conf").chmod(0o644)
         conf = f"""# written by tests/daemons/slurm.py
 ClusterName=pilotflow
 SlurmctldHost=localhost
@@ -267,6 +280,7 @@ TaskPlugin=task/none
 MailProg=/bin/true
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
+GresTypes=gpu
 SlurmdParameters=config_overrides
 ReturnToService=2
 SlurmdTimeout=20

@@ -111,3 +111,72 @@ cores = 12
     p = cli("plan", "b.toml", cwd=work, check=2)
     assert "task 'too-many-nodes': needs 3 nodes but the most a pilot may have is 2 (c)" in p.stderr
     assert "task 'too-many-ranks': needs 3 nodes but the most a pilot may have is 2 (c)" in p.stderr
+
+
+MPI_ENV = '{ OMPI_ALLOW_RUN_AS_ROOT = "1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM = "1", OMPI_MCA_btl = "self,tcp" }'
+
+
+SLURM_RESOURCE = """
+[[resource]]
+name = "cluster"
+scheduler = "slurm"
+cores_per_node = 4
+max_nodes = 3
+max_walltime = "5m"
+partition = "debug"
+"""
+
+
+@pytest.mark.slurm
+def test_ranks_start_the_sites_way_by_default(work, slurm_cluster):
+    # srun with no --mpi (the site's MpiDefault): the ranks are srun's tasks, on two nodes
+    ranks = 'mkdir -p rec; echo "$SLURM_PROCID $SLURM_NTASKS $SLURMD_NODENAME" > rec/$PILOTFLOW_TOKEN.$SLURM_PROCID'
+    (work / "jobs.toml").write_text(f"""
+[bundle]
+name = "ranks"
+{SLURM_RESOURCE}
+[[task]]
+name = "spread"
+command = '{ranks}'
+nodes = 2
+mpi = true
+ranks_per_node = 2
+walltime = "10s"
+""")
+    cli("plan", "jobs.toml", "--scripts", "s", cwd=work, env=slurm_cluster.env, check=0)
+    assert "--mpi" not in next((work / "s").glob("*.sh")).read_text().split("--mpi srun")[1].split("\n")[0]
+    cli("submit", "jobs.toml", "--wait", cwd=work, env=slurm_cluster.env, check=0, timeout=240)
+    rec = next((work / ".pilotflow").glob("ranks*/work/rec"))
+    seen = [f.read_text().split() for f in rec.glob("spread.*")]
+    assert sorted(int(r[0]) for r in seen) == [0, 1, 2, 3] and {r[1] for r in seen} == {"4"}
+    assert len({r[2] for r in seen}) == 2  # on two nodes
+
+
+@needs_mpi
+@pytest.mark.slurm
+def test_an_mpi_program_starts_through_the_plugin_the_resource_names(work, slurm_cluster):
+    # one node: PMIx cannot span this test cluster's simulated nodes (they share one host)
+    shutil.copy(ROOT / "workflows" / "mpi" / "reduce.c", work / "reduce.c")
+    (work / "jobs.toml").write_text(f"""
+[bundle]
+name = "plugin"
+{SLURM_RESOURCE}
+mpi_plugin = "pmix"
+[defaults]
+env = {{ OMPI_ALLOW_RUN_AS_ROOT = "1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM = "1", OMPI_MCA_btl = "self,tcp" }}
+[[task]]
+name = "build"
+command = "mpicc -O2 -o reduce reduce.c"
+inputs = ["reduce.c"]
+walltime = "30s"
+[[task]]
+name = "reduce-one-node"
+command = "mkdir -p rec && ./reduce rec"
+mpi = true
+cores = 2
+walltime = "10s"
+after = ["build"]
+""")
+    cli("submit", "jobs.toml", "--wait", cwd=work, env=slurm_cluster.env, check=0, timeout=240)
+    logs = cli("logs", "reduce-one-node", cwd=work, env=slurm_cluster.env, check=0).stdout
+    assert "2 ranks, sum of ranks 1 (expected 1)" in logs

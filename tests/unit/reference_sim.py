@@ -7,10 +7,11 @@ event time, scans all tokens in rank order. Used to cross-check the aggregated s
 
 def reference(tasks, pilots, steal=True):
     """tasks: list of dict(cores, walltime, memory, deps(list of task idx), rank, pilot)
-    pilots: list of dict(nodes, cpn, mem, walltime or None)
+    pilots: list of dict(nodes, cpn, mem, walltime or None[, gpus per node]); tasks may have "gpus"
     Returns (per pilot makespan, set of unfinished task indices)."""
     state = ["todo"] * len(tasks)
-    nodes = [(p, {"free": pl["cpn"], "mem": pl["mem"] if pl["mem"] is not None else float("inf")})
+    nodes = [(p, {"free": pl["cpn"], "mem": pl["mem"] if pl["mem"] is not None else float("inf"),
+                  "gpus": pl.get("gpus", 0)})
              for p, pl in enumerate(pilots) for _ in range(pl["nodes"])]
     running = []  # (end, task, node)
     order = sorted(range(len(tasks)), key=lambda i: tasks[i]["rank"])
@@ -22,7 +23,8 @@ def reference(tasks, pilots, steal=True):
 
     def fits(i, node, room):
         t = tasks[i]
-        return claimable(i) and t["cores"] <= node["free"] and t["memory"] <= node["mem"] and t["walltime"] <= room
+        return (claimable(i) and t["cores"] <= node["free"] and t["memory"] <= node["mem"]
+                and t.get("gpus", 0) <= node["gpus"] and t["walltime"] <= room)
 
     def fill():
         # owners claim their own work first (every node, in order), then idle pilots steal
@@ -43,6 +45,7 @@ def reference(tasks, pilots, steal=True):
                     state[pick] = "locked"
                     node["free"] -= t["cores"]
                     node["mem"] -= t["memory"]
+                    node["gpus"] -= t.get("gpus", 0)
                     running.append((now + t["walltime"], pick, ni))
 
     fill()
@@ -54,6 +57,7 @@ def reference(tasks, pilots, steal=True):
             p, node = nodes[ni]
             node["free"] += tasks[i]["cores"]
             node["mem"] += tasks[i]["memory"]
+            node["gpus"] += tasks[i].get("gpus", 0)
             state[i] = "done"
             makespan[p] = max(makespan[p], now)
         fill()

@@ -244,3 +244,33 @@ def test_gangs_never_share_a_node_in_the_simulated_schedule():
          SimGroup(cores=1, walltime=5, rank=2, count={0: 4})]
     r = simulate(g, [SimPilot(3, 4)])
     assert r.complete and r.makespan == [30.0]  # 2-node, 2-node (one at a time: 3 nodes), then the 3-node
+
+
+@pytest.mark.parametrize("gpus, n, expected", [(1, 200, 3), (2, 100, 3), (4, 36, 2), (1, 72, 1)])
+def test_gpu_tasks_need_exactly_the_gpu_volume_bound(gpus, n, expected):
+    # 4 GPUs and 32 cores per node, at most 2 nodes x 9 h per pilot: 72 GPU-hours a pilot;
+    # 1-core tasks would fit 576 core-hours, so the GPUs are what binds
+    res = slurm(cores_per_node=32, gpus_per_node=4, max_nodes=2, max_walltime_s=9 * 3600)
+    plan = make_plan(bundle(same(n, walltime_s=3600, gpus=gpus), res), margin=0, overhead=0)
+    (r,) = plan.resources
+    assert len(r.pilots) == r.lower_bound_pilots == expected == math.ceil(n * gpus / 72)
+    assert all(p.gpus_per_node == 4 for p in r.pilots)
+    busy_gpu_h = sum(p.busy_core_s for p in r.pilots) / 3600 / 8  # 8 cores are a GPU's share
+    assert busy_gpu_h == n * gpus  # efficiency counts GPU-hours
+    # what the simulator (the launcher's policy) says: no node ever holds more than 4 GPUs of work
+    for p in r.pilots:
+        assert p.efficiency <= 1.0
+
+
+def test_cpu_tasks_on_a_gpu_resource_ask_for_no_gpus():
+    res = slurm(cores_per_node=32, gpus_per_node=4)
+    plan = make_plan(bundle(same(10, walltime_s=600), res))
+    assert all(p.gpus_per_node == 0 for p in plan.pilots)
+    assert "gpus_per_node" not in plan.to_json()["resources"][0]["pilots"][0]
+
+
+def test_a_task_needing_more_gpus_than_any_node_is_a_bundle_error():
+    with pytest.raises(BundleError, match=r"needs 8 GPU\(s\) on one node but the most a node has is 4"):
+        bundle_from_dict({"bundle": {"name": "b"},
+                          "resource": [{"name": "g", "scheduler": "slurm", "cores_per_node": 8, "gpus_per_node": 4}],
+                          "task": [{"name": "t", "command": "x", "gpus": 8}]})

@@ -46,6 +46,20 @@ def stable(script: str) -> str:
         .replace(launcher_hash(), "HASH")
 
 
+@pytest.mark.parametrize("scheduler", ["slurm", "sge", "pbs"])
+def test_gpu_pilots_match_golden_files(scheduler):
+    from dataclasses import replace
+    res = replace(resource(scheduler), gpus_per_node=4, mpi_plugin="pmi2" if scheduler == "slurm" else None)
+    p = replace(pilot(), gpus_per_node=4)
+    text = stable(render_pilot(p, res, RUN, POOL)).replace(launcher_hash(), "HASH")
+    path = GOLDEN / f"{scheduler}-gpu.sh"
+    if os.environ.get("PILOTFLOW_REGEN_GOLDEN"):
+        path.write_text(text)
+    assert text == path.read_text(), (f"{path} differs from the rendered script; if intended, regenerate with "
+                                      "PILOTFLOW_REGEN_GOLDEN=1 python -m pytest tests/unit/test_render.py")
+    assert "--gpus 4" in text
+
+
 @pytest.mark.parametrize("scheduler", ["slurm", "sge", "pbs", "local"])
 def test_scripts_match_golden_files(scheduler):
     res = resource(scheduler)

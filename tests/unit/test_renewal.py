@@ -54,7 +54,8 @@ def test_the_last_launcher_to_end_with_work_left_submits_one_round(tmp_path):
     ended(pool, "p1").renew()
     recs = rounds(pool)
     assert list(recs) == [1] and recs[1]["state"] == "done" and recs[1]["by"] == "p1.0"
-    assert recs[1]["pilots"] == [{"id": "r1p1", "job_id": "4242", "nodes": 1, "tokens": 8, "walltime_s": 120}]
+    assert recs[1]["pilots"] == [{"id": "r1p1", "job_id": "4242", "nodes": 1, "tokens": 8, "walltime_s": 120,
+                                  "gpus_per_node": 0}]
     assert recs[1]["ratio"] == pytest.approx(3.0, rel=0.01)  # 30 s observed for 10 s estimated
     plan = pool.plans()["r1p1"]
     assert plan["round"] == 1 and plan["tokens"] == [f"t{i}" for i in range(2, 10)]
@@ -164,3 +165,11 @@ def test_observed_ratio_is_the_median_over_done_tokens():
               "t2": {"state": "done", "start": 0, "end": 1000}}
     assert observed_ratio(defs, states) == 3.0
     assert observed_ratio(defs, {}) == 1.0
+
+
+def test_size_round_counts_a_gpus_share_of_the_node():
+    spec = dict(SPEC, cores_per_node=32, gpus_per_node=4, max_nodes=1, max_pilots=8, max_walltime=3600)
+    left = [{"name": f"g{i}", "cores": 1, "gpus": 1, "walltime": 600} for i in range(8)]
+    # 8 one-GPU tasks of 10 min on 4-GPU nodes: two waves (20 min + margin, in minutes) on one
+    # node, not one wave because 8 cores of 32 would do
+    assert size_round(spec, left, 1.0) == [(1, 1320, [f"g{i}" for i in range(8)])]

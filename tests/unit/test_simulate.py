@@ -37,14 +37,16 @@ def test_memory_limits_concurrency():
 
 def random_case(rnd):
     n_p = rnd.randint(1, 3)
+    gpus = rnd.choice([0, 0, 2, 4])
     pilots = [dict(nodes=rnd.randint(1, 2), cpn=rnd.choice([2, 4, 8]), mem=rnd.choice([None, 8000]),
-                   walltime=rnd.choice([None, 200, 400])) for _ in range(n_p)]
+                   walltime=rnd.choice([None, 200, 400]), gpus=gpus) for _ in range(n_p)]
     n = rnd.randint(1, 25)
     tasks = []
     for i in range(n):
         deps = sorted(rnd.sample(range(i), k=min(i, rnd.choice([0, 0, 1, 2]))))
         tasks.append(Task(name=f"t{i}", command="x", cores=rnd.choice([1, 1, 2]), walltime_s=rnd.choice([10, 20, 35]),
-                          memory_mb=rnd.choice([None, None, 3000]), after=tuple(f"t{d}" for d in deps)))
+                          memory_mb=rnd.choice([None, None, 3000]), after=tuple(f"t{d}" for d in deps),
+                          gpus=rnd.choice([0, 0, 1, 2]) if gpus else 0))
     assign = [rnd.randrange(n_p) for _ in range(n)]
     return pilots, tasks, assign
 
@@ -62,11 +64,12 @@ def test_aggregated_simulator_matches_the_naive_oracle(seed):
     # tasks of one group must share a pilot for the aggregated and per-task views to agree
     # on which pilot owns what; give each group the pilot of its first member
     assign = [assign[groups[gid_of[i]].members[0]] for i in range(len(tasks))]
-    ref_tasks = [dict(cores=t.cores, walltime=t.walltime_s, memory=t.memory_mb or 0, rank=rank[i],
+    ref_tasks = [dict(cores=t.cores, walltime=t.walltime_s, memory=t.memory_mb or 0, rank=rank[i], gpus=t.gpus,
                       deps=[by_name[d] for d in t.after], pilot=assign[i]) for i, t in enumerate(tasks)]
     ref_span, ref_left = reference(ref_tasks, pilots)
     sim_groups = [SimGroup(cores=g.cores, walltime=g.walltime, memory=g.memory, deps=g.deps, rank=g.rank,
-                           count={assign[g.members[0]]: len(g.members)}) for g in groups]
-    r = simulate(sim_groups, [SimPilot(p["nodes"], p["cpn"], p["mem"], p["walltime"]) for p in pilots])
+                           count={assign[g.members[0]]: len(g.members)}, gpus=g.gpus) for g in groups]
+    r = simulate(sim_groups, [SimPilot(p["nodes"], p["cpn"], p["mem"], p["walltime"], gpus_per_node=p["gpus"])
+                              for p in pilots])
     assert r.makespan == ref_span
     assert sum(r.unfinished.values()) == len(ref_left)
