@@ -386,7 +386,7 @@ def mkdirs(path):
 class Token(object):
     __slots__ = ("name", "command", "cores", "walltime", "memory", "env", "deps", "retries", "rank",
                  "stage", "own", "status", "attempt", "failures", "lost", "unmet", "queued", "scrubs",
-                 "nodes", "mpi", "ranks", "ranks_per_node", "gpus", "gpu_ids", "gpu_held")
+                 "nodes", "mpi", "ranks", "ranks_per_node", "gpus", "gpu_ids", "gpu_held", "lane", "log")
 
     def __init__(self, d, rank):
         self.name = d["name"]
@@ -404,6 +404,8 @@ class Token(object):
         self.gpus = int(d.get("gpus", 0))
         self.gpu_ids = None  # the devices of its current (or last) attempt
         self.gpu_held = False  # whether it holds them now
+        self.lane = None  # the packed-log lane of its current attempt
+        self.log = None  # {"out": [path, start(, end)], "err": [...]} of its current attempt
         self.rank = rank
         self.stage = 0
         self.own = False
@@ -560,6 +562,11 @@ class Agent(object):
         self.mpi_plugin = mpi_plugin  # srun --mpi=...; None: the site's default
         self.gpu_all = list(gpus)  # this node's devices for the pilot's tasks
         self.gpu_free = list(gpus)
+        # task output: packed into per-launcher lane files (one task at a time per lane, its
+        # offsets in its state), or one file per stream and attempt (logs = "per-token")
+        self.per_token_logs = pool.meta.get("logs") == "per-token"
+        self.lanes = {}  # lane → (out fd, err fd)
+        self.lane_free = []
         self.gang_pilot = False  # the pilot has multi-node tokens: its agents coordinate
         self.gangs = {"draining": None, "running": []}  # the leader's reservations (agents/PILOT.gangs.json)
         self.gangs_mtime = None
@@ -744,18 +751,21 @@ class Agent(object):
             t.attempt += 1
             now = time.time()
             self.take_gpus(t)
-            lock = self.doc(t, LOCKED, start=now, end=None, exit_code=None, reason="", pid=os.getpid())
             try:
+                self.take_lane(t)
+                lock = self.doc(t, LOCKED, start=now, end=None, exit_code=None, reason="", pid=os.getpid())
                 mine = self.pool.claim(t.name, t.attempt, dump(lock))
             except OSError as e:  # a full disk or quota: keep the token, try again later
                 t.attempt -= 1
                 self.give_gpus(t)
+                self.give_lane(t)
                 self.enqueue(t)
                 self.disk_trouble(e)
                 break
             if not mine:
                 t.attempt -= 1
                 self.give_gpus(t)
+                self.give_lane(t)
                 self.set_status(t, "other")
                 continue
             self.start(t, now)
@@ -832,8 +842,9 @@ class Agent(object):
             argv = mpi_argv(self.mpi, t, [(self.host, n)], log + ".hosts", max(1, t.cores // n), env,
                             self.mpi_plugin)
         try:
-            pid = spawn(t.command, env, log + ".out", log + ".err", argv)
+            pid = spawn(t.command, env, *self.outputs(t), argv=argv)
         except OSError as e:
+            self.give_lane(t)
             if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS):
                 self.disk_trouble(e)  # cannot create its log files: not the task's fault
                 self.unwritten.append((t.name, self.doc(t, TODO, start=now, end=time.time(), exit_code=None,
@@ -878,11 +889,58 @@ class Agent(object):
             self.gpu_free = [g for g in self.gpu_all if g in back]
             t.gpu_held = False
 
+    def take_lane(self, t):
+        """A lane of the packed log files for the attempt; its start offsets go into its
+        lock record (a launcher that dies leaves its output there, marked as cut)."""
+        t.lane, t.log = None, None
+        if self.per_token_logs:
+            return
+        lane = self.lane_free.pop(0) if self.lane_free else len(self.lanes)
+        if lane not in self.lanes:
+            flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND
+            base = self.pool.path("logs", "%s.%d" % (self.key, lane))
+            out = os.open(base + ".out", flags, 0o644)
+            try:
+                err = os.open(base + ".err", flags, 0o644)
+            except OSError:
+                os.close(out)
+                self.lane_free.insert(0, lane)
+                raise
+            self.lanes[lane] = (out, err)
+        t.lane = lane
+        rel = "logs/%s.%d" % (self.key, lane)
+        out, err = self.lanes[lane]
+        t.log = {"out": [rel + ".out", os.fstat(out).st_size], "err": [rel + ".err", os.fstat(err).st_size]}
+
+    def give_lane(self, t):
+        """The attempt's output ends here: its end offsets are recorded, the lane is free."""
+        if t.lane is None:
+            return
+        out, err = self.lanes[t.lane]
+        for key, fd in (("out", out), ("err", err)):
+            if len(t.log[key]) == 2:
+                try:
+                    t.log[key].append(os.fstat(fd).st_size)
+                except OSError:
+                    pass
+        self.lane_free.append(t.lane)
+        self.lane_free.sort()
+        t.lane = None
+
+    def outputs(self, t):
+        """What the task's stdout and stderr are: the lane's files, or files of its own."""
+        if t.lane is not None:
+            return self.lanes[t.lane]
+        base = self.pool.path("logs", "%s.%d" % (t.name, t.attempt))
+        return base + ".out", base + ".err"
+
     def doc(self, t, state, **kw):
         d = {"token": t.name, "state": state, "attempt": t.attempt, "failures": t.failures, "lost": t.lost,
              "scrubs": t.scrubs, "pilot": self.pilot, "agent": self.agent, "host": self.host}
         if t.gpu_ids:
             d["gpus"] = list(t.gpu_ids)
+        if t.log:
+            d["log"] = t.log
         d.update(kw)
         return d
 
@@ -909,6 +967,7 @@ class Agent(object):
                 self.free += t.cores
                 self.mem_free += t.memory
                 self.give_gpus(t)
+            self.give_lane(t)
             self.tell_reaper("- %d\n" % pid)
             code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status)
             ended.append((t, start, code))
@@ -1155,10 +1214,12 @@ class Agent(object):
     def start_gang(self, t, d, busy):
         now = time.time()
         t.attempt += 1
+        self.take_lane(t)
         lock = self.doc(t, LOCKED, start=now, end=None, exit_code=None, reason="", pid=os.getpid(),
                         nodes=[busy[a]["node"] for a in d["agents"]])
         if not self.pool.claim(t.name, t.attempt, dump(lock)):
             t.attempt -= 1
+            self.give_lane(t)
             self.set_status(t, "other")
             return
         log = self.pool.path("logs", "%s.%d" % (t.name, t.attempt))
@@ -1178,8 +1239,9 @@ class Agent(object):
                 f.write("".join("%s slots=%d\n" % (n, self.cores) for n in names))
         self.set_status(t, LOCKED)
         try:
-            pid = spawn(t.command, env, log + ".out", log + ".err", argv)
+            pid = spawn(t.command, env, *self.outputs(t), argv=argv)
         except OSError as e:
+            self.give_lane(t)
             self.finish(t, now, 127, "could not start the gang: %s" % e)
             return
         self.running[pid] = (t, now)
@@ -1354,6 +1416,7 @@ class Agent(object):
             kill_groups(list(self.running), grace=2.0, reap=statuses)
             _reap_all(statuses)
             for pid, (t, start) in list(self.running.items()):
+                self.give_lane(t)
                 st = statuses.get(pid)
                 if st is not None and os.WIFEXITED(st) and os.WEXITSTATUS(st) == 0 and pid not in self.gang_pids:
                     self.finish(t, start, 0, "")  # it completed as we stopped it: done, not lost
@@ -1654,19 +1717,30 @@ def _nonblock(fd):
 _POSIX_SPAWN = getattr(os, "posix_spawn", None)
 
 
-def spawn(command, env, out_path, err_path, argv=None):
-    """Start ``/bin/sh -c command`` (or ``argv``) in its own process group, output to the two
-    files."""
+def spawn(command, env, out, err, argv=None):
+    """Start ``/bin/sh -c command`` (or ``argv``) in its own process group, its stdout and
+    stderr to ``out`` and ``err``: open descriptors (a packed log's lane, appended to) or
+    paths (files of its own, created)."""
     argv = argv or ["/bin/sh", "-c", command]
     if _POSIX_SPAWN is not None:
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
-        actions = [(os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),  # novm
-                   (os.POSIX_SPAWN_OPEN, 1, out_path, flags, 0o644),  # novm
-                   (os.POSIX_SPAWN_OPEN, 2, err_path, flags, 0o644)]  # novm
+        actions = [(os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0)]  # novm
+        for fd, target in ((1, out), (2, err)):
+            if isinstance(target, int):
+                actions.append((os.POSIX_SPAWN_DUP2, target, fd))  # novm
+            else:
+                actions.append((os.POSIX_SPAWN_OPEN, fd, target, flags, 0o644))  # novm
         return _POSIX_SPAWN(_which(argv[0], env), argv, env, file_actions=actions, setpgroup=0)
     import subprocess
-    with open(out_path, "wb") as out, open(err_path, "wb") as err, open(os.devnull, "rb") as nul:
-        p = subprocess.Popen(argv, stdin=nul, stdout=out, stderr=err, env=env, start_new_session=True)
+    files = [open(x, "wb") if not isinstance(x, int) else None for x in (out, err)]
+    try:
+        with open(os.devnull, "rb") as nul:
+            p = subprocess.Popen(argv, stdin=nul, stdout=files[0] or out, stderr=files[1] or err, env=env,
+                                 start_new_session=True)
+    finally:
+        for f in files:
+            if f is not None:
+                f.close()
     p._child_created = False  # we reap it ourselves with waitpid
     return p.pid
 

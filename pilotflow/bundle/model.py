@@ -68,6 +68,7 @@ class Resource:
     gpus_per_node: int = 0  # GPUs per node the planner and launcher hand out
     gpu_resource: str = "gpu"  # the scheduler's name for GPUs (Slurm GRES, Grid Engine complex)
     mpi_plugin: str | None = None  # Slurm: srun --mpi=...; None: the site's MpiDefault
+    logs: str = "packed"  # task output: per-launcher lane files (offsets in states) | "per-token" files
     mpi_launcher: str = "srun"  # Slurm: srun (with mpi_plugin, if any), or Open MPI's mpirun (daemons through srun)
     origin: tuple = ()
 

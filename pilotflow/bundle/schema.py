@@ -45,7 +45,7 @@ RESOURCE_KEYS = {
     "setup": F.str_list(F.text), "python": F.command_name, "walltime_margin": F.fraction(0, 1),
     "max_queue_wait": F.positive_duration, "mpi_launcher": F.choice("srun", "mpirun"),
     "max_follow_ups": F.integer(0, 100), "gpus_per_node": F.integer(0, 64),
-    "gpu_resource": F.directive_word, "mpi_plugin": F.directive_word,
+    "gpu_resource": F.directive_word, "mpi_plugin": F.directive_word, "logs": F.choice("packed", "per-token"),
 }
 # Scheduler words that mean the same thing (SPEC: "partition/queue, account/project").
 ALIASES = {"queue": "partition", "project": "account"}

@@ -472,7 +472,7 @@ def _failures(record, states, tasks, session) -> list[Failure]:
                 fetched += 1
                 try:
                     from pilotflow.run.sync import fetch_logs
-                    fetch_logs(session, name, n, tasks[name].resource)
+                    fetch_logs(session, name, n, tasks[name].resource, d)
                 except Exception:  # noqa: BLE001 - a missing log must not stop the report
                     pass
             if path.exists():

@@ -109,7 +109,7 @@ def token_logs(record: RunRecord, token: str) -> tuple[dict, dict[str, str]]:
         doc = snap.states.get(token)
         if not doc or not doc.get("attempt"):
             raise UsageError(f"token '{token}' has not run yet (state: {(doc or {}).get('state', 'todo')})")
-        return doc, fetch_logs(s, token, int(doc["attempt"]), task.resource)
+        return doc, fetch_logs(s, token, int(doc["attempt"]), task.resource, doc)
 
 
 @dataclass

@@ -83,7 +83,7 @@ def _create(record: RunRecord, bundle: Bundle, plan: Plan, rp, inputs, transport
     record.save()
     defs = [token_def(bundle.tasks[i], plan.rank[i], res) for i in sorted(rp.tasks, key=plan.rank.get)]
     create_pool(t, pool, {"run": record.run, "lock_timeout": bundle.lock_timeout_s, "resource": res.name,
-                          "created": record.created}, defs)
+                          "created": record.created, "logs": res.logs}, defs)
     write_renewal(t, res, record.run, pool, renewal_gpus(res, [bundle.tasks[i] for i in rp.tasks]))
     n = stage(t, bundle.base_dir, [p for i in rp.tasks for p in inputs.get(i, [])], pool)
     if n:

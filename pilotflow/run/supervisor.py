@@ -308,11 +308,12 @@ def wait(record: RunRecord, view: Observer | None = None, *, callbacks=(), watch
         fetcher.submit(list(s.known))  # outputs of tokens already done before this wait
         while True:
             st = sup.step(watch_only=watch_only)
-            fetcher.submit(st.snap.changed)
+            fetcher.submit(s.take_changed())
             if st.sleep is None:
                 break
             time.sleep(st.sleep)
         sup.wind_down()
+        fetcher.submit(list(s.known))  # whatever changed in a sync the loop did not see
         fetcher.finish()
         for e in fetcher.errors[:5]:
             view.note(f"could not bring back an output: {e}")

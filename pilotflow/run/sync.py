@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Callable
 
 from pilotflow.errors import ExternalError
+from pilotflow.launcher import write_atomic
 from pilotflow.run.events import token_events
 from pilotflow.run.mirror import States
 from pilotflow.run.records import RunRecord
@@ -52,12 +53,19 @@ class Session:
         self.events: list = []  # state-change events seen by this command, for callbacks and hooks
         self.rounds: dict[str, dict] = {}  # resource → its pool's follow-up rounds, as last synced
         self.spent: dict[str, int] = {}  # resource → rounds that count against its budget
+        self.changed: list[str] = []  # tokens changed by every sync of this session, until taken
         self.known = record.mirror.states()
         self.reload_owners()
 
     def reload_owners(self) -> None:
         """Which resource each token belongs to now (tokens move on failover)."""
         self.owner = self.record.owners()
+
+    def take_changed(self) -> list[str]:
+        """Tokens changed by any sync since the last call (a follow-up or failover decision
+        syncs too: its changes count as well)."""
+        out, self.changed = self.changed, []
+        return out
 
     def transports(self) -> "LazyTransports":
         """The transports as a mapping, connected only for the resources actually used."""
@@ -118,6 +126,7 @@ def sync_states(s: Session) -> Snapshot:
         for n in new_changes:
             s.events += token_events(n, old.get(n), mine[n])
         changed += new_changes
+        s.changed += new_changes
         for k, v in doc["agents"].items():
             agents[k] = dict(v, resource=name)
         s.rounds[name] = doc.get("followups") or {}
@@ -129,19 +138,38 @@ def sync_states(s: Session) -> Snapshot:
     return Snapshot(states=s.known, changed=changed, agents=agents)
 
 
-def fetch_logs(s: Session, token: str, attempt: int, resource: str) -> dict[str, str]:
-    """stdout and stderr of one attempt, copied into the mirror and returned."""
+CUT = "\n[pilotflow: the output ends here: the attempt's launcher stopped while it ran]\n"
+
+
+def fetch_logs(s: Session, token: str, attempt: int, resource: str, doc: dict | None = None) -> dict[str, str]:
+    """stdout and stderr of one attempt, copied into the mirror and returned. ``doc`` is the
+    attempt's state record: with packed logs it says where in its launcher's lane files the
+    output is (an attempt whose launcher died has no end offset: its output is marked cut)."""
     record = s.record
     t = s.transport(resource)
+    log = (doc or {}).get("log") if int((doc or {}).get("attempt") or 0) == attempt else None
     out = {}
     for ext in ("out", "err"):
         local = record.directory / "logs" / f"{token}.{attempt}.{ext}"
         local.parent.mkdir(parents=True, exist_ok=True)
-        if t.get(f"{record.pool(resource)}/logs/{token}.{attempt}.{ext}", local):
+        if log and ext in log:
+            out[ext] = packed_output(t, record.pool(resource), log[ext], running=doc.get("state") == "locked")
+            write_atomic(str(local), out[ext].encode())
+        elif t.get(f"{record.pool(resource)}/logs/{token}.{attempt}.{ext}", local):
             out[ext] = local.read_text(errors="replace")
         else:
             out[ext] = local.read_text(errors="replace") if local.exists() else ""
     return out
+
+
+def packed_output(t: Transport, pool: str, where: list, running: bool) -> str:
+    """One attempt's part of a lane file: ``[path, start, end]``, or ``[path, start]`` while it
+    runs or when its launcher died before it ended (then all the lane holds after start)."""
+    path, start = where[0], int(where[1])
+    end = int(where[2]) if len(where) > 2 else None
+    data = t.read_file(f"{pool}/{path}", start, end) or b""
+    text = data.decode("utf-8", "replace")
+    return text + (CUT if end is None and not running else "")
 
 
 def fetch_outputs(s: Session, names: list[str] | None = None) -> int:

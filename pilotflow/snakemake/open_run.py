@@ -253,7 +253,7 @@ class OpenRun:
         self.record.save()
         # the tasks run in the workflow's directory, which the nodes must share with us
         create_pool(t, pool, {"run": self.run, "lock_timeout": self.record.lock_timeout, "resource": res.name,
-                              "created": self.record.created, "workdir": str(self.workdir)}, [])
+                              "created": self.record.created, "workdir": str(self.workdir), "logs": res.logs}, [])
         self.batches[res.name] = 1  # create_pool wrote the (empty) batch 0
         return pool
 
@@ -303,7 +303,7 @@ class OpenRun:
             if not attempt:
                 return [], ""
             res = self.tasks[name].resource
-            text = fetch_logs(self.session, name, attempt, res)
+            text = fetch_logs(self.session, name, attempt, res, doc)
             base = self.record.directory / "logs" / f"{name}.{attempt}"
             tail = "\n".join((text["err"] or text["out"]).strip().splitlines()[-20:])
             return [f"{base}.out", f"{base}.err"], tail

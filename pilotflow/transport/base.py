@@ -46,8 +46,8 @@ class Transport(ABC):
         """Create directories (and parents); existing ones are fine."""
 
     @abstractmethod
-    def read_file(self, path: str) -> bytes | None:
-        """Bytes of ``path``, or None if it does not exist."""
+    def read_file(self, path: str, start: int = 0, end: int | None = None) -> bytes | None:
+        """Bytes ``start:end`` of ``path`` (all of it by default), or None if it does not exist."""
 
     @abstractmethod
     def put(self, local: Path, remote: str) -> bool:

@@ -34,9 +34,11 @@ class LocalTransport(Transport):
         for p in paths:
             os.makedirs(p, exist_ok=True)
 
-    def read_file(self, path):
+    def read_file(self, path, start=0, end=None):
         try:
-            return Path(path).read_bytes()
+            with open(path, "rb") as f:
+                f.seek(start)
+                return f.read() if end is None else f.read(max(0, end - start))
         except FileNotFoundError:
             return None
 

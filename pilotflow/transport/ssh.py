@@ -254,10 +254,11 @@ class SshTransport(Transport):
             self.mkdirs([os.path.dirname(path)])
             self.write_file(path, data, mode)
 
-    def read_file(self, path):
+    def read_file(self, path, start=0, end=None):
         try:
             with self.sftp().open(self.expand(path), "rb") as f:
-                return f.read()
+                f.seek(start)
+                return f.read() if end is None else f.read(max(0, end - start))
         except FileNotFoundError:
             return None
 
