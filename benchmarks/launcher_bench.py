@@ -8,7 +8,7 @@ kept (this machine is shared and noisy: compare the ratios, not the absolute rat
   xargs       seq N | xargs -P CORES -n1 sh -c true     (the fork/exec ceiling)
   pilotflow   `pilotflow submit bundle.toml --wait` of N `true` tasks on the local resource,
               timed end to end through the CLI (planning, pool, pilot start, sync included),
-              with one state file per token kept all the while
+              with one state file per token (the pool's only per-token file; output packed)
   launcher    the same pilot's launcher alone, timed from its start to its exit
   hyperqueue  HyperQueue's Python API: LocalCluster + one worker (all cores), one Job of N
               `sh -c true` programs (stdout/stderr to a file per task, its default), timed
@@ -35,7 +35,7 @@ def bench_xargs(n: int, cores: int) -> float:
     return n / (time.perf_counter() - t)
 
 
-def bench_pilotflow(n: int, cores: int) -> tuple[float, float]:
+def bench_pilotflow(n: int, cores: int) -> tuple[float, float, int]:
     d = Path(tempfile.mkdtemp(prefix="pf-bench-"))
     try:
         (d / "b.toml").write_text(f'[bundle]\nname = "null"\n[[resource]]\nname = "local"\nscheduler = "local"\n'
@@ -48,9 +48,10 @@ def bench_pilotflow(n: int, cores: int) -> tuple[float, float]:
         pool = next((d / ".pilotflow").glob("null-*"))
         agent = json.loads((pool / "agents" / "p1.0.json").read_text())
         end = json.loads((pool / "agents" / "p1.0.end").read_text())
-        states = list((pool / "state").glob("*.json"))
-        assert len(states) == n, f"{len(states)} state files for {n} tokens"
-        return e2e, n / (end["end"] - agent["start"])
+        states = sum(len(os.listdir(shard)) for shard in (pool / "state").iterdir())
+        assert states == n, f"{states} state files for {n} tokens"
+        files = sum(1 for f in pool.rglob("*") if f.is_file())
+        return e2e, n / (end["end"] - agent["start"]), files
     finally:
         shutil.rmtree(d, ignore_errors=True)
 
@@ -83,9 +84,10 @@ def main() -> None:
     a = ap.parse_args()
     cores = len(os.sched_getaffinity(0))
     rates: dict[str, list[float]] = {"xargs": [], "pilotflow": [], "launcher": [], "hyperqueue": []}
+    files = 0
     for _ in range(a.repeat):  # interleaved, so that drift hits every tool alike
         rates["xargs"].append(bench_xargs(a.tasks, cores))
-        e2e, alone = bench_pilotflow(a.tasks, cores)
+        e2e, alone, files = bench_pilotflow(a.tasks, cores)
         rates["pilotflow"].append(e2e)
         rates["launcher"].append(alone)
         hq = bench_hyperqueue(a.tasks)
@@ -96,6 +98,7 @@ def main() -> None:
     for k in ("xargs", "pilotflow", "launcher", "hyperqueue"):
         if k in med:
             print(f"  {k:<11} {med[k]:8.0f}   runs: {', '.join(f'{r:.0f}' for r in rates[k])}")
+    print(f"files in the pool after a run: {files} for {a.tasks} tokens ({files - a.tasks} besides the states)")
     print("ratios:")
     for k in ("pilotflow", "launcher"):
         line = f"  {k:<11} {med[k] / med['xargs']:.2f} of the xargs ceiling"

@@ -55,12 +55,14 @@ def connect(server: SshServer):
 
 
 def naive(sftp, remote: str, since: float | None) -> int:
+    """Every state file (in every state directory) listed with its mtime, the changed ones read."""
     n = 0
-    for a in sftp.listdir_attr(f"{remote}/state"):
-        if since is None or a.st_mtime >= int(since):  # SFTP mtimes are whole seconds
-            with sftp.open(f"{remote}/state/{a.filename}", "rb") as f:
-                f.read()
-            n += 1
+    for shard in sftp.listdir(f"{remote}/state"):
+        for a in sftp.listdir_attr(f"{remote}/state/{shard}"):
+            if since is None or a.st_mtime >= int(since):  # SFTP mtimes are whole seconds
+                with sftp.open(f"{remote}/state/{shard}/{a.filename}", "rb") as f:
+                    f.read()
+                n += 1
     return n
 
 

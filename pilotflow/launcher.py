@@ -10,14 +10,18 @@ Pool layout (``POOL`` = ROOT/RUN on the resource's shared filesystem)::
     run.json                 run metadata (lock_timeout, work directory, ...)
     defs/NNNNNN.json         token definitions, in batches; never rewritten (new batches may appear)
     plans/PILOT.json         a pilot's planned tokens (in order) and its stage
-    state/TOKEN.json         one state file per token, written atomically (tmp + rename)
-    claims/TOKEN.N           attempt N of TOKEN belongs to whoever created this file (O_EXCL);
-                             it holds the lock record (pilot, host, start): while it is the
-                             newest attempt, the token is ``locked``
-    returns/TOKEN.N          a note that TOKEN went back to todo after attempt N (wakes idle pilots)
+    state/SS/TOKEN.N         THE file of TOKEN (SS: a hash of its name, so that no directory
+                             holds more than a few thousand): created exclusively (O_EXCL) by
+                             the claim of attempt N, holding its lock record (pilot, host,
+                             start, where its output goes); rewritten (tmp + rename) when the
+                             attempt ends; removed by the claim of attempt N+1
+    state/SS/TOKEN.N.x       attempt N was handed back (whoever created this wrote the todo)
+    returns/HOST.PID         lines "TOKEN N": tokens a process handed back or retried (wakes
+                             idle pilots); one append-only file per process
     agents/PILOT.I.json      a launcher's record; its mtime is the heartbeat
     agents/PILOT.I.end       written when that launcher exits, with the reason
-    logs/TOKEN.N.out|.err    stdout / stderr of attempt N
+    logs/PILOT.I.L.out|.err  the output of launcher PILOT.I's lane L: one task at a time, each
+                             attempt's offsets in its record (logs = "per-token": TOKEN.N.out|.err)
     work/                    the tasks' working directory (unless run.json names another)
     pilots/renew.json|.sh    how a pilot on this resource submits its successor (written at submit)
     followups/NNNNNN.json    follow-up round N: created exclusively by whoever submits it (a pilot
@@ -27,11 +31,12 @@ Pool layout (``POOL`` = ROOT/RUN on the resource's shared filesystem)::
     cancelled                the user cancelled the run: nobody submits follow-ups
 
 States are PiCaS's: ``todo`` (no state file also means todo), ``locked``, ``done``, ``error``.
-A token runs only after its claim file for the next attempt was created exclusively, so no
-token runs twice at the same time whatever the number of pilots and nodes. The claim file is
-the ``locked`` record, so a task costs one exclusive create and one state write. Writes are
-tmp-file + rename (atomic on POSIX filesystems, NFS and Lustre included); nothing is fsynced
-on the hot path.
+A token runs only after its file for the next attempt was created exclusively, so no token
+runs twice at the same time whatever the number of pilots and nodes; that file is the
+``locked`` record and then the attempt's result, so a task costs one exclusive create, one
+rewrite and one removal, and the pool holds one file per token. Rewrites are tmp-file +
+rename (atomic on POSIX filesystems, NFS and Lustre included); nothing is fsynced on the hot
+path.
 
 Commands: ``run`` (be a pilot's node agent) and helpers the client calls, locally or over
 SSH, in one round trip each: ``changes``, ``scrub``, ``move``, ``round``, ``info``.
@@ -53,10 +58,12 @@ import signal
 import socket
 import sys
 import time
+import zlib
 
 TODO, LOCKED, DONE, ERROR = "todo", "locked", "done", "error"
 MOVED = "moved"  # handed over to another resource's pool: never claimable here again
 FINAL = (DONE, ERROR, MOVED)
+STATES = (TODO, LOCKED, DONE, ERROR, MOVED)
 LOST_LIMIT = 5  # attempts lost to dying pilots before a token is given up as error
 VERSION = 1
 # Helper answers are framed: a cluster's shell start-up files (.bashrc, module banners) may
@@ -66,6 +73,13 @@ HELPER_MARK = "\n--pilotflow-helper-answer--\n"
 
 
 # --- files ---------------------------------------------------------------------------------
+
+def _write_all(fd, data):
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
+
 
 def write_atomic(path, data):
     """Write bytes so that readers see the old file or the new one, never a part."""
@@ -110,10 +124,20 @@ def fs_now(directory):
 
 # --- the pool ------------------------------------------------------------------------------
 
+class PoolError(Exception):
+    """A pool this launcher cannot work on; the message says why and what to do."""
+
+
+def shard_width(tokens):
+    """Hex digits of the state directories' names: at most a few thousand files in each."""
+    return 1 if tokens <= 8000 else 2 if tokens <= 2000000 else 3
+
+
 class Pool(object):
     """A run's token pool on a (shared) filesystem."""
 
-    SUBDIRS = ("defs", "plans", "state", "claims", "returns", "agents", "logs", "work", "followups", "pilots")
+    SUBDIRS = ("defs", "plans", "state", "returns", "agents", "logs", "work", "followups", "pilots")
+    FORMAT = 2  # 2: one state file per token (the claim is its creation), packed logs
 
     def __init__(self, root):
         self.root = os.path.abspath(root)
@@ -127,8 +151,15 @@ class Pool(object):
     def create(cls, root, meta):
         for d in cls.SUBDIRS:
             mkdirs(os.path.join(root, d))
-        write_atomic(os.path.join(root, "run.json"), dump(meta))
+        write_atomic(os.path.join(root, "run.json"), dump(dict({"format": cls.FORMAT}, **meta)))
         return cls(root)
+
+    def check_format(self):
+        """Refuse a pool this launcher cannot read (written by an older pilotflow)."""
+        if int(self.meta.get("format", 1)) != self.FORMAT:
+            raise PoolError("%s was written by an older pilotflow (pool format %s; this one reads %d): let "
+                            "that version finish the run, or submit it again" % (self.root, self.meta.get("format", 1),
+                                                                                 self.FORMAT))
 
     def add_defs(self, tokens):
         """Append a batch of token definitions (dicts with name, command, cores, ...)."""
@@ -167,79 +198,102 @@ class Pool(object):
                     out[doc["pilot"]] = doc
         return out
 
-    def state(self, name):
-        """A token's state: its state file, unless a newer attempt was claimed (locked).
+    # reading a token's state ---------------------------------------------------------------
+    # state/SHARD/NAME.N is the one file of token NAME: created exclusively by the claim of
+    # attempt N (its lock record), rewritten in place when the attempt ends, removed by the
+    # claim of attempt N+1. NAME.N.x marks attempt N as handed back. No file: todo, unclaimed.
 
-        No state file means todo; a garbage state file (a crash, a full disk) falls back to
-        the newest claim, so the token is never lost.
-        """
-        doc = read_json(self.path("state", name + ".json"))
-        if doc is None or doc.get("state") not in (TODO, LOCKED, DONE, ERROR, MOVED):
-            garbage = os.path.exists(self.path("state", name + ".json"))
-            attempt = self.last_claim(name) if garbage else 0
-            doc = {"token": name, "state": TODO, "attempt": attempt, "failures": 0}
-            if garbage:
-                doc["reason"] = "state file was unreadable"
-                return self._newer_claim(name, doc, attempt) or doc
-        return self._newer_claim(name, doc, int(doc.get("attempt", 0)) + 1) or doc
+    def shard(self, name):
+        """The state directory of a token (a hash of its name: no directory grows too big)."""
+        width = int(self.meta.get("shard_width", 2))
+        return self.path("state", "%0*x" % (width, zlib.crc32(name.encode("utf-8")) % (16 ** width)))
 
-    def _newer_claim(self, name, doc, attempt):
-        path = self.path("claims", "%s.%d" % (name, attempt))
-        if not os.path.exists(path):
-            return None
-        lock = read_json(path)
-        if not isinstance(lock, dict) or lock.get("token") != name:
-            lock = {"token": name, "attempt": attempt}  # being written, or an old-style claim
-        lock = dict(lock, state=LOCKED, attempt=attempt)
-        for k in ("failures", "lost", "scrubs"):
-            lock.setdefault(k, doc.get(k, 0))
-        return lock
+    def _file(self, name, attempt, suffix=""):
+        return os.path.join(self.shard(name), "%s.%d%s" % (name, attempt, suffix))
 
-    def last_claim(self, name):
-        prefix = name + "."
+    def latest(self, name, hint=None):
+        """The newest attempt that has a file (0: none), probing upwards from ``hint``."""
+        if hint is not None:
+            n = max(0, int(hint))
+            if n == 0 or os.path.exists(self._file(name, n)):
+                while os.path.exists(self._file(name, n + 1)):
+                    n += 1
+                return n
         best = 0
-        for fn in os.listdir(self.path("claims")):
-            if fn.startswith(prefix) and fn[len(prefix):].isdigit():
-                best = max(best, int(fn[len(prefix):]))
+        prefix = name + "."
+        try:
+            for fn in os.listdir(self.shard(name)):
+                if fn.startswith(prefix) and fn[len(prefix):].isdigit():
+                    best = max(best, int(fn[len(prefix):]))
+        except OSError:
+            pass
         return best
 
+    def state(self, name, hint=None):
+        """A token's state: the record of its newest attempt (``hint``: an attempt it had)."""
+        n = self.latest(name, hint)
+        if n == 0:
+            return {"token": name, "state": TODO, "attempt": 0, "failures": 0}
+        return self._read(name, n, self._file(name, n))
+
+    def _read(self, name, n, path, depth=0):
+        doc = read_json(path)
+        if not isinstance(doc, dict) or doc.get("token") != name or doc.get("state") not in STATES:
+            try:
+                st = os.stat(path)
+            except OSError:  # superseded while we looked (a newer attempt was claimed): look again
+                if depth < 5:
+                    newer = self.latest(name)
+                    if newer:
+                        return self._read(name, newer, self._file(name, newer), depth + 1)
+                return {"token": name, "state": LOCKED, "attempt": n + 1}
+            if st.st_size == 0 and time.time() - st.st_mtime < self.lock_timeout():
+                return {"token": name, "state": LOCKED, "attempt": n}  # its claim is being written
+            return {"token": name, "state": TODO, "attempt": n, "failures": 0,
+                    "reason": "state file was unreadable"}
+        doc = dict(doc, attempt=n)
+        if doc["state"] == LOCKED and os.path.exists(path + ".x"):
+            doc.update(state=TODO, reason=doc.get("reason") or "handed back")  # its releaser died mid-way
+        return doc
+
     def states(self, since=None):
-        """Every token with a state file or a claim (name → state), or only those changed at
-        or after ``since``. Two directory scans, whatever the number of tokens."""
+        """Every token that has a file (name → state), or only those changed at or after
+        ``since`` (filesystem time). Unchanged shard directories are skipped whole: a claim, a
+        rewrite and a hand-back all change their directory's mtime."""
         out = {}
-        with os.scandir(self.path("state")) as it:
-            for e in it:
-                if not e.name.endswith(".json"):
+        top = self.path("state")
+        try:
+            shards = os.listdir(top)
+        except OSError:
+            return out
+        for sd in shards:
+            d = os.path.join(top, sd)
+            if since is not None:
+                try:
+                    if os.stat(d).st_mtime < since:
+                        continue
+                except OSError:
                     continue
-                if since is not None and e.stat().st_mtime < since:
-                    continue
-                doc = read_json(e.path)
-                if doc is not None:
-                    out[e.name[:-5]] = doc
-        newest = {}
-        with os.scandir(self.path("claims")) as it:
-            for e in it:
+            newest = {}
+            try:
+                entries = list(os.scandir(d))
+            except OSError:
+                continue
+            for e in entries:
                 name, _, n = e.name.rpartition(".")
-                if not n.isdigit():
-                    continue
-                if since is not None and e.stat().st_mtime < since:
+                if not n.isdigit() or not name:
                     continue
                 n = int(n)
                 if n > newest.get(name, (0, None))[0]:
-                    newest[name] = (n, e.path)
-        for name, (n, path) in newest.items():
-            cur = out.get(name)
-            if cur is None and since is not None:
-                cur = read_json(self.path("state", name + ".json"))
-            if cur is not None and int(cur.get("attempt", 0)) >= n:
-                continue
-            lock = read_json(path)
-            if not isinstance(lock, dict) or lock.get("token") != name:
-                lock = {"token": name}
-            lock = dict(lock, state=LOCKED, attempt=n)
-            for k in ("failures", "lost", "scrubs"):
-                lock.setdefault(k, (cur or {}).get(k, 0))
-            out[name] = lock
+                    newest[name] = (n, e)
+            for name, (n, e) in newest.items():
+                if since is not None:
+                    try:
+                        if e.stat().st_mtime < since and not os.path.exists(e.path + ".x"):
+                            continue
+                    except OSError:
+                        continue
+                out[name] = self._read(name, n, e.path)
         return out
 
     def agents(self):
@@ -267,39 +321,74 @@ class Pool(object):
                    if "end" in rec or now - rec["beat"] > timeout)
 
     # transitions ---------------------------------------------------------------------------
-    def claim(self, name, attempt, owner):
-        """Create claims/NAME.ATTEMPT exclusively: True if it is ours now."""
+    def claim(self, name, attempt, record):
+        """Create the token's file for ``attempt`` exclusively, holding ``record``: True if the
+        attempt is ours now. The previous attempt's files go (one file per token)."""
+        path = self._file(name, attempt)
         try:
-            fd = os.open(self.path("claims", "%s.%s" % (name, attempt)),
-                         os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         except OSError as e:
             if e.errno == errno.EEXIST:
                 return False
-            raise
+            if e.errno != errno.ENOENT:
+                raise
+            mkdirs(os.path.dirname(path))
+            return self.claim(name, attempt, record)
         try:
-            os.write(fd, owner)
+            _write_all(fd, record)
         except OSError:
             # the claim exists but its record could not be written (a full disk): undo it,
             # nobody else can hold this attempt yet
             os.close(fd)
-            os.unlink(self.path("claims", "%s.%s" % (name, attempt)))
+            os.unlink(path)
             raise
         os.close(fd)
+        if os.path.exists(self._file(name, attempt + 1)):
+            # a newer attempt exists (its claim removed this one's file before we came):
+            # our view was old; that attempt, not ours, is the token's
+            os.unlink(path)
+            return False
+        if attempt > 1:  # (a first attempt has nothing before it, but for the rare error written
+            # for a token whose dependency failed, which a retry then claims: a stale NAME.0 stays)
+            for old in (self._file(name, attempt - 1), self._file(name, attempt - 1, ".x")):
+                try:
+                    os.unlink(old)
+                except OSError:
+                    pass
         return True
 
     def put(self, name, doc):
-        write_atomic(self.path("state", name + ".json"), dump(doc))
+        """Rewrite the record of the attempt ``doc`` is about (tmp + rename: atomic)."""
+        path = self._file(name, int(doc.get("attempt", 0)))
+        try:
+            write_atomic(path, dump(doc))
+        except OSError as e:
+            if e.errno != errno.ENOENT:
+                raise
+            mkdirs(os.path.dirname(path))
+            write_atomic(path, dump(doc))
 
     def release(self, name, doc, reason, give_up_after=None):
         """Hand a lost attempt (its launcher died or stopped) back to todo, exactly once.
 
-        ``claims/NAME.N.x`` marks attempt N as handed back: whoever creates it first (the
-        launcher itself on SIGTERM, its reaper, another pilot taking over a stale lock, or
-        ``retry --stale``) writes the todo state; a launcher still running attempt N kills it
-        when it sees the marker. Returns the new state, or None if someone else did it.
+        ``NAME.N.x`` marks attempt N as handed back: whoever creates it first (the launcher
+        itself on SIGTERM, its reaper, another pilot taking over a stale lock, or ``retry
+        --stale``) writes the todo state; a launcher still running attempt N kills it when it
+        sees the marker. Returns the new state, or None if someone else did it.
         """
         attempt = int(doc.get("attempt", 0))
-        if not self.claim("%s.%d" % (name, attempt), "x", b"release"):
+        try:
+            fd = os.open(self._file(name, attempt, ".x"), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except OSError as e:
+            if e.errno in (errno.EEXIST, errno.ENOENT):
+                return None
+            raise
+        os.close(fd)
+        if os.path.exists(self._file(name, attempt + 1)):  # a newer attempt exists: settled already
+            try:
+                os.unlink(self._file(name, attempt, ".x"))
+            except OSError:
+                pass
             return None
         lost = int(doc.get("lost", 0)) + 1
         new = dict(doc, state=TODO, lost=lost, end=doc.get("end") or time.time(), reason=reason, exit_code=None)
@@ -311,11 +400,19 @@ class Pool(object):
         return new
 
     def released(self, name, attempt):
-        return os.path.exists(self.path("claims", "%s.%d.x" % (name, attempt)))
+        """Whether attempt N is no longer its holder's: handed back, or superseded."""
+        return os.path.exists(self._file(name, attempt, ".x")) or os.path.exists(self._file(name, attempt + 1))
 
     def note_return(self, name, attempt):
+        """Tell idle launchers a token is claimable again: a line in this process's own
+        append-only notes file (``returns/HOST.PID``), not a file per token."""
         try:
-            os.close(os.open(self.path("returns", "%s.%d" % (name, attempt)), os.O_WRONLY | os.O_CREAT, 0o644))
+            fd = os.open(self.path("returns", "%s.%d" % (socket.gethostname(), os.getpid())),
+                         os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            try:
+                os.write(fd, ("%s %d\n" % (name, attempt)).encode("utf-8"))
+            finally:
+                os.close(fd)
         except OSError:
             pass
 
@@ -369,6 +466,19 @@ class Pool(object):
         return w if os.path.isabs(w) else self.path(w)
 
 
+HISTORY = 5  # earlier attempts a token's record keeps (its file holds only the newest attempt)
+HISTORY_KEYS = ("attempt", "state", "start", "end", "pilot", "agent", "host", "exit_code", "reason", "log", "gpus")
+
+
+def earlier(doc):
+    """The earlier attempts a token's next record carries: those its current record carries,
+    and the current one itself once it has ended (a report can show them all)."""
+    out = list(doc.get("history") or ())
+    if int(doc.get("attempt") or 0) >= 1 and doc.get("state") != LOCKED:
+        out.append(dict((k, doc[k]) for k in HISTORY_KEYS if k in doc))
+    return tuple(out[-HISTORY:])
+
+
 def agent_key(doc):
     return "%s.%s" % (doc.get("pilot"), doc.get("agent", 0))
 
@@ -386,7 +496,7 @@ def mkdirs(path):
 class Token(object):
     __slots__ = ("name", "command", "cores", "walltime", "memory", "env", "deps", "retries", "rank",
                  "stage", "own", "status", "attempt", "failures", "lost", "unmet", "queued", "scrubs",
-                 "nodes", "mpi", "ranks", "ranks_per_node", "gpus", "gpu_ids", "gpu_held", "lane", "log")
+                 "nodes", "mpi", "ranks", "ranks_per_node", "gpus", "gpu_ids", "gpu_held", "lane", "log", "history")
 
     def __init__(self, d, rank):
         self.name = d["name"]
@@ -405,7 +515,8 @@ class Token(object):
         self.gpu_ids = None  # the devices of its current (or last) attempt
         self.gpu_held = False  # whether it holds them now
         self.lane = None  # the packed-log lane of its current attempt
-        self.log = None  # {"out": [path, start(, end)], "err": [...]} of its current attempt
+        self.log = None  # where its current attempt's output is: [lane, out start, err start(, ends)]
+        self.history = ()  # its earlier attempts, as its record keeps them (see HISTORY)
         self.rank = rank
         self.stage = 0
         self.own = False
@@ -457,7 +568,7 @@ def start_reaper(pool_root, pilot, agent):
             kill_groups(list(live), grace=0.0)
             pool = Pool(pool_root)
             for pgid, (name, attempt) in live.items():
-                doc = pool.state(name)
+                doc = pool.state(name, hint=attempt)
                 if doc.get("state") == LOCKED and doc.get("attempt") == attempt:
                     pool.release(name, doc, "launcher of pilot %s died; its task was killed" % pilot)
     finally:
@@ -583,7 +694,7 @@ class Agent(object):
         self.blocked_until = 0.0
         self.disk_since = 0.0
         self.suspects = []  # (seen, token, start, code): killed by a signal, maybe by our scheduler
-        self.returns_seen = set()
+        self.returns_seen = {}  # notes file → bytes read
         self.defs_seen = set()
         self.stopping = None
         self.exit_reason = "no claimable work left"
@@ -614,7 +725,7 @@ class Agent(object):
                 owner_stage[name] = (p["pilot"], p.get("stage", 0))
         own_order = dict((n, i) for i, n in enumerate(mine.get("tokens", [])))
         new = [Token(d, d.get("rank", len(self.tokens) + i)) for i, d in enumerate(self.pool.defs(self.defs_seen))]
-        existing = set(os.listdir(self.pool.path("state")))
+        known = self.pool.states() if len(new) > 200 else None  # one scan, or a look per token
         for t in new:
             owner = owner_stage.get(t.name)
             t.stage = owner[1] if owner else 0
@@ -622,8 +733,9 @@ class Agent(object):
             if t.own:
                 t.rank = own_order.get(t.name, t.rank)
             self.tokens[t.name] = t
-            if t.name + ".json" in existing:
-                self.absorb(t, self.pool.state(t.name))
+            doc = known.get(t.name) if known is not None else self.pool.state(t.name)
+            if doc is not None and (doc.get("attempt") or doc.get("state") != TODO):
+                self.absorb(t, doc)
             else:
                 self.set_status(t, TODO)
         for t in new:
@@ -634,6 +746,7 @@ class Agent(object):
     def absorb(self, t, doc):
         """Take what a state file says about a token into our view of it."""
         st = doc.get("state", TODO)
+        t.history = earlier(doc)
         t.attempt = int(doc.get("attempt", 0))
         t.failures = int(doc.get("failures", 0))
         t.lost = int(doc.get("lost", 0))
@@ -908,21 +1021,20 @@ class Agent(object):
                 raise
             self.lanes[lane] = (out, err)
         t.lane = lane
-        rel = "logs/%s.%d" % (self.key, lane)
         out, err = self.lanes[lane]
-        t.log = {"out": [rel + ".out", os.fstat(out).st_size], "err": [rel + ".err", os.fstat(err).st_size]}
+        # compact (a client keeps a record per token): [lane, out start, err start(, out end, err end)]
+        t.log = ["%s.%d" % (self.key, lane), os.fstat(out).st_size, os.fstat(err).st_size]
 
     def give_lane(self, t):
         """The attempt's output ends here: its end offsets are recorded, the lane is free."""
         if t.lane is None:
             return
-        out, err = self.lanes[t.lane]
-        for key, fd in (("out", out), ("err", err)):
-            if len(t.log[key]) == 2:
-                try:
-                    t.log[key].append(os.fstat(fd).st_size)
-                except OSError:
-                    pass
+        if len(t.log) == 3:
+            out, err = self.lanes[t.lane]
+            try:
+                t.log += [os.fstat(out).st_size, os.fstat(err).st_size]
+            except OSError:
+                pass
         self.lane_free.append(t.lane)
         self.lane_free.sort()
         t.lane = None
@@ -941,6 +1053,8 @@ class Agent(object):
             d["gpus"] = list(t.gpu_ids)
         if t.log:
             d["log"] = t.log
+        if t.history:
+            d["history"] = list(t.history)
         d.update(kw)
         return d
 
@@ -1000,6 +1114,7 @@ class Agent(object):
             self.unwritten.append((t.name, doc))
             self.disk_trouble(e)
         if t.status == TODO:
+            t.history = earlier(doc)  # the next attempt's record remembers this one
             self.enqueue(t)
         self.settled(t)
 
@@ -1038,11 +1153,8 @@ class Agent(object):
         before = len(self.ready_own) + len(self.ready_other)
         if len(os.listdir(self.pool.path("defs"))) != len(self.defs_seen):
             self.load()
-        for fn in os.listdir(self.pool.path("returns")):
-            if fn in self.returns_seen:
-                continue
-            self.returns_seen.add(fn)
-            t = self.tokens.get(fn.rsplit(".", 1)[0])
+        for name in self.returned():
+            t = self.tokens.get(name)
             if t is not None and t.status != LOCKED:
                 self.recheck(t)
         for dep in list(self.waiting_on):
@@ -1051,9 +1163,29 @@ class Agent(object):
                 self.recheck(d)
         return len(self.ready_own) + len(self.ready_other) - before
 
+    def returned(self):
+        """Tokens others handed back or retried since we last looked (new lines in the
+        processes' notes files)."""
+        out = []
+        d = self.pool.path("returns")
+        for fn in os.listdir(d):
+            seen = self.returns_seen.get(fn, 0)
+            try:
+                if os.stat(os.path.join(d, fn)).st_size <= seen:
+                    continue
+                with open(os.path.join(d, fn), "rb") as f:
+                    f.seek(seen)
+                    data = f.read()
+            except OSError:
+                continue
+            data = data[:data.rfind(b"\n") + 1]  # whole lines only
+            self.returns_seen[fn] = seen + len(data)
+            out.extend(line.split(b" ")[0].decode("utf-8", "replace") for line in data.splitlines() if line)
+        return out
+
     def recheck(self, t):
         was = t.status
-        self.absorb(t, self.pool.state(t.name))
+        self.absorb(t, self.pool.state(t.name, hint=t.attempt))
         if t.status == TODO and was != TODO:
             self.link(t)
         elif t.status in FINAL:
@@ -1070,7 +1202,7 @@ class Agent(object):
         for t in list(self.tokens.values()):
             if t.status != "other":
                 continue
-            doc = self.pool.state(t.name)
+            doc = self.pool.state(t.name, hint=t.attempt)
             if doc.get("state") == LOCKED and agent_key(doc) in dead:
                 new = self.pool.release(t.name, doc, "pilot %s stopped beating; taken over" % doc.get("pilot"),
                                         give_up_after=LOST_LIMIT + t.retries)
@@ -1830,6 +1962,11 @@ def main(argv=None):
         if not pool.meta:
             sys.stderr.write("pilotflow-launcher: %s is not a token pool (no run.json)\n" % a.pool)
             return 2
+        try:
+            pool.check_format()
+        except PoolError as e:
+            sys.stderr.write("pilotflow-launcher: %s\n" % e)
+            return 2
         agent = a.agent if a.agent is not None else int((os.environ.get(a.agent_var) if a.agent_var else None)
                                                          or os.environ.get("PILOTFLOW_AGENT") or 0)
         cores = a.cores or _node_cores()
@@ -1843,7 +1980,11 @@ def main(argv=None):
         return 0
     if a.cmd == "helper":
         text = sys.stdin.read()
-        answer(helper(a.pool, a.command, json.loads(text) if text.strip() else {}))
+        try:
+            answer(helper(a.pool, a.command, json.loads(text) if text.strip() else {}))
+        except PoolError as e:
+            sys.stderr.write("pilotflow-launcher: %s\n" % e)
+            return 2
         return 0
     p.print_help()
     return 2
@@ -1855,6 +1996,7 @@ def helper(root, command, args):
     if command == "info":
         return info()
     pool = Pool(root)
+    pool.check_format()
     if command == "changes":
         return changes(pool, args.get("since"))
     if command == "scrub":

@@ -37,12 +37,11 @@ from markupsafe import Markup
 from pilotflow.version import __version__
 from pilotflow.errors import UsageError
 from pilotflow.schedulers.base import FINISHED
-from pilotflow.launcher import HELPER_MARK, parse_answer, write_atomic
+from pilotflow.launcher import write_atomic
 from pilotflow.report.svg import resample, step_curve
 
 OUTCOMES = ("done", "error", "retried", "lost", "running")
 MAX_STDERR = 20  # failed tokens whose stderr is fetched from the resource
-MAX_CLAIMS = 1000  # earlier attempts whose end no sync saw, looked up on the resource
 TAIL_LINES = 10
 SLOWEST = 10
 LAG = 2.0  # seconds an attempt's recorded end may trail the start of the next one on its cores
@@ -186,8 +185,6 @@ def build(record, snap, session=None, now: float | None = None) -> Report:
     agents = getattr(snap, "agents", None) or record.mirror.agents()
     pilots = _pilot_spans(record, agents, now)
     docs = _attempt_docs(record, states)
-    if session is not None:
-        _fetch_earlier(record, session, states, docs, tasks)
     attempts, unseen = _attempts(docs, states, tasks, pilots, now)
     rows = _rows(pilots, agents, attempts, now)
     for row in rows:
@@ -254,7 +251,8 @@ def _pilot_spans(record, agents: dict, now: float) -> dict[str, PilotSpan]:
 
 
 def _attempt_docs(record, states: dict) -> dict[str, dict[int, dict]]:
-    """Every attempt's most telling record: the journal's history, then the current states.
+    """Every attempt's most telling record: the journal's history, the earlier attempts each
+    state keeps (``history``), then the current states.
     The first record of an attempt that has ended wins (a later scrub of an error does not
     hide that it failed); a record with an end beats a running (locked) one."""
     docs: dict[str, dict[int, dict]] = {}
@@ -278,61 +276,14 @@ def _attempt_docs(record, states: dict) -> dict[str, dict[int, dict]]:
     except FileNotFoundError:
         pass
     for name, doc in states.items():
+        for old in doc.get("history") or ():  # earlier attempts no sync saw end, as the pool kept them
+            add(dict(old, token=name))
         add(dict(doc, token=name))
     return docs
 
 
 def _ended(doc: dict) -> bool:
     return doc.get("state") != "locked" and doc.get("end") is not None
-
-
-_EARLIER = r"""
-import json, os, sys
-pool, out = sys.argv[1], {}
-for name, k in json.load(sys.stdin):
-    key = "%s.%d" % (name, k)
-    try:
-        with open(os.path.join(pool, "claims", key)) as f:
-            d = json.load(f)
-    except Exception:
-        d = None
-    d = d if isinstance(d, dict) else {}
-    try:
-        d["returned"] = os.stat(os.path.join(pool, "returns", key)).st_mtime
-    except OSError:
-        pass
-    out[key] = d
-sys.stdout.write(MARK + json.dumps(out))
-""".replace("MARK", repr(HELPER_MARK))
-
-
-def _fetch_earlier(record, session, states, docs, tasks) -> None:
-    """Earlier attempts whose end no sync saw: their claim file says when and where they
-    started, the mtime of their hand-back note (``returns/TOKEN.N``) when they ended. One
-    call of the resource's python per resource, for at most ``MAX_CLAIMS`` attempts."""
-    import shlex
-    wanted: dict[str, list] = {}
-    n = 0
-    for name, doc in sorted(states.items()):
-        task = tasks.get(name)
-        if task is None or task.resource not in record.resources:
-            continue
-        for k in range(1, int(doc.get("attempt") or 0)):
-            if n < MAX_CLAIMS and not _ended(docs.get(name, {}).get(k, {})):
-                wanted.setdefault(task.resource, []).append([name, k])
-                n += 1
-    for res_name, items in wanted.items():
-        try:
-            t = session.transport(res_name)
-            argv = shlex.split(record.resource(res_name).python) + ["-c", _EARLIER, t.expand(record.pool(res_name))]
-            r = t.run(argv, input=json.dumps(items).encode(), timeout=60)
-            found = parse_answer(r.stdout) if r.returncode == 0 else {}
-        except Exception:  # noqa: BLE001 - a report shows what it can (SSH, JSON, I/O errors)
-            continue
-        for name, k in items:
-            d = found.get(f"{name}.{k}") or {}
-            if d.get("token") == name:
-                docs.setdefault(name, {})[k] = {**docs[name].get(k, {}), **d, "attempt": k, "state": "locked"}
 
 
 def _outcome(doc: dict, nxt: dict | None) -> str:

@@ -15,7 +15,7 @@ from typing import Callable
 
 from pilotflow.bundle import Bundle, Resource, Task, task_nodes
 from pilotflow.errors import BundleError, ExternalError, UsageError
-from pilotflow.launcher import Pool, dump
+from pilotflow.launcher import Pool, dump, shard_width
 from pilotflow.planning.plan import Plan, make_plan
 from pilotflow.planning.sizing import PILOT_OVERHEAD_S
 from pilotflow.render import default_root, pool_path, render_pilot, render_renewal
@@ -53,11 +53,14 @@ def resolve_root(res: Resource, t: Transport, base_dir: Path) -> str:
     return root
 
 
-def create_pool(t: Transport, pool: str, meta: dict, defs: list[dict]) -> None:
+def create_pool(t: Transport, pool: str, meta: dict, defs: list[dict], expected: int | None = None) -> None:
+    """The pool directory, its metadata and the first batch of definitions. ``expected``: how
+    many tokens it will hold (default: the definitions'), which sizes its state directories."""
+    meta = dict(meta, format=Pool.FORMAT, shard_width=shard_width(len(defs) if expected is None else expected))
     if not t.remote:  # this machine: the launcher's own pool code, in-process
         Pool.create(pool, meta).add_defs(defs)
         return
-    t.mkdirs([f"{pool}/{d}" for d in Pool.SUBDIRS] + [f"{pool}/pilots"])
+    t.mkdirs([f"{pool}/{d}" for d in Pool.SUBDIRS])
     t.write_file(f"{pool}/run.json", dump(meta))
     t.write_file(f"{pool}/defs/000000.json", dump(defs))
 

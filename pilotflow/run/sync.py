@@ -152,8 +152,8 @@ def fetch_logs(s: Session, token: str, attempt: int, resource: str, doc: dict | 
     for ext in ("out", "err"):
         local = record.directory / "logs" / f"{token}.{attempt}.{ext}"
         local.parent.mkdir(parents=True, exist_ok=True)
-        if log and ext in log:
-            out[ext] = packed_output(t, record.pool(resource), log[ext], running=doc.get("state") == "locked")
+        if log:
+            out[ext] = packed_output(t, record.pool(resource), log, ext, running=doc.get("state") == "locked")
             write_atomic(str(local), out[ext].encode())
         elif t.get(f"{record.pool(resource)}/logs/{token}.{attempt}.{ext}", local):
             out[ext] = local.read_text(errors="replace")
@@ -162,12 +162,14 @@ def fetch_logs(s: Session, token: str, attempt: int, resource: str, doc: dict | 
     return out
 
 
-def packed_output(t: Transport, pool: str, where: list, running: bool) -> str:
-    """One attempt's part of a lane file: ``[path, start, end]``, or ``[path, start]`` while it
-    runs or when its launcher died before it ended (then all the lane holds after start)."""
-    path, start = where[0], int(where[1])
-    end = int(where[2]) if len(where) > 2 else None
-    data = t.read_file(f"{pool}/{path}", start, end) or b""
+def packed_output(t: Transport, pool: str, log: list, stream: str, running: bool) -> str:
+    """One attempt's part of its launcher's lane file: ``log`` is ``[lane, out start, err
+    start, out end, err end]``, without the ends while it runs or when its launcher died
+    before it ended (then all the lane holds after its start, marked as cut)."""
+    k = 0 if stream == "out" else 1
+    start = int(log[1 + k])
+    end = int(log[3 + k]) if len(log) >= 5 else None
+    data = t.read_file(f"{pool}/logs/{log[0]}.{stream}", start, end) or b""
     text = data.decode("utf-8", "replace")
     return text + (CUT if end is None and not running else "")
 

@@ -8,6 +8,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+from pilotflow.errors import UsageError
 from pilotflow.transport.base import Result, Transport, unchanged
 
 
@@ -64,7 +65,10 @@ class LocalTransport(Transport):
 
     def helper(self, command, *, python="python3", pool="", **args):
         from pilotflow import launcher
-        return launcher.helper(pool, command, args)
+        try:
+            return launcher.helper(pool, command, args)
+        except launcher.PoolError as e:
+            raise UsageError(str(e)) from None
 
     def expand(self, path):
         return os.path.expanduser(path)

@@ -320,6 +320,8 @@ class SshTransport(Transport):
             if r.returncode != 0 and ("No such file" in r.stderr or "can't open file" in r.stderr):
                 self.write_file(path, launcher_source().encode())
                 r = self.run(argv, input=data)
+        if r.returncode == 2 and "pilotflow-launcher:" in r.stderr:  # the pool is not one it can read
+            raise UsageError(r.stderr.strip().split("pilotflow-launcher: ", 1)[1])
         if r.returncode != 0:
             raise ExternalError(f"the pilotflow helper failed on {self.label}", argv=argv, returncode=r.returncode,
                                 stdout=r.stdout, stderr=r.stderr)

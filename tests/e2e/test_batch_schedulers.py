@@ -123,6 +123,8 @@ walltime = "3s"''', "cancelme", max_walltime="5m")
     assert_once_and_never_overlapping(records(pool_work(work)), {f"t{i}" for i in range(1, 17)})
 
 
+# Slurm only: tests/e2e/test_unattended.py covers hand-back and follow-ups on every scheduler
+@pytest.mark.parametrize("cluster", ["slurm"], indirect=True)
 def test_a_pilot_at_its_walltime_hands_back_and_a_follow_up_finishes(work, cluster):
     sched, env, res, nodes = cluster
     # estimates say 10 s; a first attempt really takes 150 s, so the pilot (a couple of

@@ -85,11 +85,12 @@ walltime = "2s"
 """)
     run = cli("submit", "jobs.toml", "--wait", cwd=work, check=0).stdout.strip()
     pool = next((work / ".pilotflow").glob("garbage-*"))
-    (pool / "state" / "t1.json").write_bytes(b'{"token": "t1", "sta')  # truncated
-    (pool / "state" / "t2.json").write_bytes(b"\x00\xff garbage")
+    p = Pool(str(pool))
+    for name, junk in (("t1", b'{"token": "t1", "sta'), ("t2", b"\x00\xff garbage")):  # truncated, garbage
+        Path(p.shard(name), f"{name}.{p.latest(name)}").write_bytes(junk)
     st = status_json(work, run)
-    # what cannot be read is not claimed done: it reads as the newest claim (locked by a
-    # pilot that has ended), which goes back to todo; the other tokens are untouched
+    # what cannot be read is not claimed done: it reads as todo (its attempt unreadable) and
+    # runs again; the other tokens are untouched
     assert {k: v["state"] for k, v in st["tokens"].items() if k not in ("t1", "t2")} == \
         {f"t{i}": "done" for i in range(3, 7)}
     p = cli("wait", cwd=work, check=0)

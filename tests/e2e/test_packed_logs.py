@@ -72,7 +72,7 @@ def test_a_launcher_killed_while_its_tasks_write_leaves_each_output_intact_or_ma
     assert len(cut) == 3
     t = LocalTransport()
     for name, d in cut.items():
-        text = packed_output(t, pool.root, d["log"]["out"], running=False)
+        text = packed_output(t, pool.root, d["log"], "out", running=False)
         assert text.endswith(CUT)
         body = text[: -len(CUT)]
         assert FULL.format(t=name).startswith(body) and body  # a clean prefix of its output
@@ -82,4 +82,4 @@ def test_a_launcher_killed_while_its_tasks_write_leaves_each_output_intact_or_ma
     states = Pool(str(tmp_path)).states()
     assert all(d["state"] == "done" for d in states.values()) and len(states) == n
     for name, d in states.items():
-        assert packed_output(t, pool.root, d["log"]["out"], running=False) == FULL.format(t=name)
+        assert packed_output(t, pool.root, d["log"], "out", running=False) == FULL.format(t=name)
