@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import secrets
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from pilotflow.bundle import Resource, Task
@@ -165,9 +165,16 @@ def resource_from_dict(d: dict) -> Resource:
     return Resource(**d)
 
 
+_TASK_FIELDS = tuple(f.name for f in fields(Task))
+
+
 def task_to_dict(t: Task) -> dict:
-    d = asdict(t)
-    d["origin"] = list(d["origin"])
+    """A task as JSON-ready data; field by field (``dataclasses.asdict`` deep-copies, which
+    was most of ``submit``'s time for large runs)."""
+    d = {f: getattr(t, f) for f in _TASK_FIELDS}
+    d["env"] = [list(kv) for kv in t.env]
+    for k in ("after", "inputs", "outputs", "origin"):
+        d[k] = list(d[k])
     return d
 
 
