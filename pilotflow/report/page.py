@@ -42,6 +42,7 @@ from pilotflow.report.svg import resample, step_curve
 
 OUTCOMES = ("done", "error", "retried", "lost", "running")
 MAX_STDERR = 20  # failed tokens whose stderr is fetched from the resource
+MAX_FAILURES = 200  # failed tokens listed (the summary counts them all)
 TAIL_LINES = 10
 SLOWEST = 10
 LAG = 2.0  # seconds an attempt's recorded end may trail the start of the next one on its cores
@@ -413,7 +414,7 @@ def _slowest(attempts: list[Attempt]) -> list[Attempt]:
 def _failures(record, states, tasks, session) -> list[Failure]:
     out = []
     fetched = 0
-    for name in sorted(n for n, d in states.items() if d.get("state") == "error"):
+    for name in sorted(n for n, d in states.items() if d.get("state") == "error")[:MAX_FAILURES]:
         d = states[name]
         n = int(d.get("attempt") or 0)
         tail = None

@@ -110,6 +110,38 @@ def _title(a) -> str:
     return escape("\n".join(lines), quote=False)
 
 
+MAX_BARS = 20_000  # past this many attempts, a lane's back-to-back attempts of one outcome are one bar
+
+
+def _bars(attempts, x, merge: bool):
+    """(outcome, x from, x to, lane, title) of each bar. With ``merge``, attempts that follow
+    each other on a lane within a pixel and share an outcome become one bar saying how many
+    they are: a page of a million attempts stays a few megabytes and opens in a browser."""
+    if not merge:
+        for a in attempts:
+            yield a.outcome, x(a.start), x(a.start + a.shown), a.lane, _title(a)
+        return
+    runs: dict[tuple[int, str], list] = {}
+    for a in sorted(attempts, key=lambda a: (a.lane, a.start)):
+        x0, x1 = x(a.start), x(a.start + a.shown)
+        cur = runs.get((a.lane, a.outcome))
+        if cur is not None and x0 - cur[1] <= 1.0:
+            cur[1], cur[2], cur[4] = max(cur[1], x1), max(cur[2], a.start + a.shown), cur[4] + 1
+            continue
+        if cur is not None:
+            yield _merged(a.lane, a.outcome, cur)
+        runs[(a.lane, a.outcome)] = [x0, x1, a.start + a.shown, a.start, 1]
+    for (lane, outcome), cur in runs.items():
+        yield _merged(lane, outcome, cur)
+
+
+def _merged(lane: int, outcome: str, run: list):
+    x0, x1, end, start, n = run
+    title = escape(f"{n} attempt{'s' if n != 1 else ''} ({LABELS[outcome]}), {fmt_clock(start)} → {fmt_clock(end)}",
+                   quote=False)
+    return outcome, x0, x1, lane, title
+
+
 def timeline_svg(rep) -> str:
     """One bar per attempt, in lanes per node, over the pilots' allocation spans."""
     x = Scale(rep.t0, rep.t1)
@@ -143,11 +175,10 @@ def timeline_svg(rep) -> str:
             host = r.host if len(r.host) <= 20 else r.host[:19] + "…"
             labels.append(f'<text class="node-label" x="20" y="{y + min(h / 2 + 4, 13):.1f}">node {r.agent} · '
                           f'{esc(host)}<title>{esc(r.host)}</title></text>')
-            for a in r.attempts:
-                x0 = x(a.start)
-                bars[a.outcome].append(
-                    f'<rect x="{x0:.1f}" y="{y + 2 + a.lane * lane_h:.1f}" width="{max(x(a.start + a.shown) - x0, 0.8):.1f}" '
-                    f'height="{lane_h - gap:.1f}"><title>{_title(a)}</title></rect>')
+            for kind, x0, x1, lane, title in _bars(r.attempts, x, len(rep.attempts) > MAX_BARS):
+                bars[kind].append(
+                    f'<rect x="{x0:.1f}" y="{y + 2 + lane * lane_h:.1f}" width="{max(x1 - x0, 0.8):.1f}" '
+                    f'height="{lane_h - gap:.1f}"><title>{title}</title></rect>')
             y += h + 2
         if p.start is not None and p.end is not None:
             back.insert(0, f'<rect class="pilot-span" x="{x(p.start):.1f}" y="{top:.1f}" '

@@ -262,3 +262,15 @@ def test_ten_thousand_tokens_fast_small_and_never_overlapping(tmp_path):
     assert rep.retried_tokens == len(range(0, 10_000, 97))
     assert rep.counts["error"] == len([k for k in range(10_000) if k % 331 == 0])
     assert rep.peak_busy <= 96 and 0 < rep.efficiency <= 1
+
+
+def test_past_max_bars_back_to_back_attempts_merge_into_fewer_bars(tmp_path, monkeypatch):
+    from pilotflow.report import svg
+    (rec, snap), last = synthetic(tmp_path / "run")
+    full = write_report(rec, snap, tmp_path / "full.html", now=last + 10).read_text()
+    monkeypatch.setattr(svg, "MAX_BARS", 1000)  # as if it were a million attempts
+    merged = write_report(rec, snap, tmp_path / "merged.html", now=last + 10).read_text()
+    bars = len(re.findall(r"<rect x=[^>]*><title>", merged))
+    assert bars < len(re.findall(r"<rect x=[^>]*><title>task-", full)) / 3
+    assert re.search(r"<title>\d+ attempts \(done\)", merged)
+    assert len(merged) < len(full) / 3
