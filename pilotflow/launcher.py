@@ -799,13 +799,7 @@ class Agent(object):
             if self.gang_pilot and self.agent == 0 and writable and not self.stopping:
                 self.lead()
             started = 0 if self.stopping or not writable else self.fill()
-            for t, start, code in ended:
-                if code in (128 + signal.SIGTERM, 128 + signal.SIGKILL):
-                    # a scheduler cancelling the job signals the tasks and us together: wait a
-                    # moment before calling it a failure, it may be our own end coming
-                    self.suspects.append((time.time(), t, start, code))
-                else:
-                    self.finish(t, start, code, "")
+            self.conclude(ended)
             self.settle_suspects()
             if ended and not self.stopping and not self.unwritten:
                 started += self.fill()
@@ -975,6 +969,16 @@ class Agent(object):
         self.ran += 1
         self.tell_reaper("+ %d %s %d\n" % (pid, t.name, t.attempt))
         self.write_busy()
+
+    def conclude(self, ended):
+        """Results of tasks that ended; a task killed by SIGTERM/SIGKILL is only a suspect:
+        a scheduler cancelling the job signals the tasks and us together, in no set order,
+        and a task lost to our own end is handed back, not failed."""
+        for t, start, code in ended:
+            if code in (128 + signal.SIGTERM, 128 + signal.SIGKILL):
+                self.suspects.append((time.time(), t, start, code))
+            else:
+                self.finish(t, start, code, "")
 
     def settle_suspects(self, final=False):
         """Tasks killed by SIGTERM/SIGKILL: handed back if we are stopping too (the job is
@@ -1542,8 +1546,10 @@ class Agent(object):
                              "stay locked and are run again once this launcher's lock is stale\n"
                              % (self.key, len(self.unwritten)))
         if self.running:
-            for t, start, code in self.reap():  # what ended by itself just now is a result, not a loss
-                self.finish(t, start, code, "")
+            # what ended by itself just now is a result, not a loss -- unless a signal ended it:
+            # the scheduler stopping the job signals the tasks too, sometimes before us
+            self.conclude(self.reap())
+            self.settle_suspects(final=True)
             statuses = {}
             kill_groups(list(self.running), grace=2.0, reap=statuses)
             _reap_all(statuses)

@@ -222,3 +222,25 @@ def test_another_pilot_takes_over_a_dead_pilots_tokens_by_itself(tmp_path):
     assert_no_overlap(execs)
     taken = [x for x in names[:4] if states[x]["attempt"] > 1]
     assert taken  # what p1 was running was run again, as a new attempt
+
+
+def test_a_task_signalled_by_the_scheduler_just_before_the_launcher_is_handed_back_not_failed(tmp_path, monkeypatch):
+    """scancel signals the tasks and the launcher in no set order: a task that died of SIGTERM
+    after the launcher's last look and before its shutdown is the job's end, not the task's
+    failure (it was once marked in error here, one CI run in four)."""
+    from pilotflow.launcher import Agent
+    pool = make_pool(tmp_path, 1, "sleep 60", {"p1": ["t00000"]})
+    monkeypatch.chdir(tmp_path / "work")
+    agent = Agent(pool, "p1", cores=1)
+    agent.load()
+    assert agent.fill() == 1
+    (pid,) = agent.running
+    os.killpg(pid, signal.SIGTERM)
+    end = time.time() + 10
+    while time.time() < end and Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+        time.sleep(0.01)
+    agent.stopping, agent.exit_reason = "term", "signal 15: tokens handed back"  # what our handler sets
+    agent.shutdown()
+    doc = pool.state("t00000")
+    assert doc["state"] == "todo" and "stopped" in doc["reason"], doc
+    assert doc["lost"] == 1 and doc.get("failures", 0) == 0
