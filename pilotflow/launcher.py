@@ -13,8 +13,10 @@ Pool layout (``POOL`` = ROOT/RUN on the resource's shared filesystem)::
     state/SS/TOKEN.N         THE file of TOKEN (SS: a hash of its name, so that no directory
                              holds more than a few thousand): created exclusively (O_EXCL) by
                              the claim of attempt N, holding its lock record (pilot, host,
-                             start, where its output goes); rewritten (tmp + rename) when the
-                             attempt ends; removed by the claim of attempt N+1
+                             start, where its output goes) as a line; the holder appends the
+                             attempt's result as the next line (the last complete line is the
+                             state), anyone else rewrites it (tmp + rename); removed by the
+                             claim of attempt N+1
     state/SS/TOKEN.N.x       attempt N was handed back (whoever created this wrote the todo)
     returns/HOST.PID         lines "TOKEN N": tokens a process handed back or retried (wakes
                              idle pilots); one append-only file per process
@@ -33,10 +35,12 @@ Pool layout (``POOL`` = ROOT/RUN on the resource's shared filesystem)::
 States are PiCaS's: ``todo`` (no state file also means todo), ``locked``, ``done``, ``error``.
 A token runs only after its file for the next attempt was created exclusively, so no token
 runs twice at the same time whatever the number of pilots and nodes; that file is the
-``locked`` record and then the attempt's result, so a task costs one exclusive create, one
-rewrite and one removal, and the pool holds one file per token. Rewrites are tmp-file +
-rename (atomic on POSIX filesystems, NFS and Lustre included); nothing is fsynced on the hot
-path.
+``locked`` record and then the attempt's result, so a task costs one exclusive create (file
+creates are what a parallel filesystem's metadata server pays for), one append to the file
+its claimer keeps open, and one removal at the next attempt; the pool holds one file per
+token. A reader that meets a half-written result line reads the lock line before it. Other
+writers (hand-backs, retries) rewrite with tmp-file + rename (atomic on POSIX filesystems, NFS
+and Lustre included); nothing is fsynced on the hot path.
 
 Commands: ``run`` (be a pilot's node agent) and helpers the client calls, locally or over
 SSH, in one round trip each: ``changes``, ``scrub``, ``move``, ``round``, ``info``.
@@ -99,6 +103,24 @@ def dump(obj):
     return json.dumps(obj, separators=(",", ":"), sort_keys=True).encode("utf-8")
 
 
+def read_record(path):
+    """A state file's record: its last complete line (the holder's result appended after the
+    lock line, possibly half-written), or its whole content (a file rewritten atomically, or
+    of an older format); None if missing or garbage."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    lines = data.split(b"\n")
+    for raw in (lines if len(lines) == 1 else lines[-2::-1]):
+        try:
+            return json.loads(raw.decode("utf-8"))
+        except ValueError:
+            continue
+    return None
+
+
 def read_json(path):
     """The JSON in ``path``, or None if it is missing, half-written by a crash, or garbage."""
     try:
@@ -137,7 +159,7 @@ class Pool(object):
     """A run's token pool on a (shared) filesystem."""
 
     SUBDIRS = ("defs", "plans", "state", "returns", "agents", "logs", "work", "followups", "pilots")
-    FORMAT = 2  # 2: one state file per token (the claim is its creation), packed logs
+    FORMAT = 3  # 2: one state file per token (the claim is its creation), packed logs; 3: results appended to the claim
 
     def __init__(self, root):
         self.root = os.path.abspath(root)
@@ -156,10 +178,11 @@ class Pool(object):
 
     def check_format(self):
         """Refuse a pool this launcher cannot read (written by an older pilotflow)."""
-        if int(self.meta.get("format", 1)) != self.FORMAT:
-            raise PoolError("%s was written by an older pilotflow (pool format %s; this one reads %d): let "
-                            "that version finish the run, or submit it again" % (self.root, self.meta.get("format", 1),
-                                                                                 self.FORMAT))
+        fmt = int(self.meta.get("format", 1))
+        if fmt != self.FORMAT:
+            raise PoolError("%s was written by %s pilotflow (pool format %s; this one reads %d): let "
+                            "that version finish the run, or submit it again"
+                            % (self.root, "an older" if fmt < self.FORMAT else "a newer", fmt, self.FORMAT))
 
     def add_defs(self, tokens):
         """Append a batch of token definitions (dicts with name, command, cores, ...)."""
@@ -200,8 +223,11 @@ class Pool(object):
 
     # reading a token's state ---------------------------------------------------------------
     # state/SHARD/NAME.N is the one file of token NAME: created exclusively by the claim of
-    # attempt N (its lock record), rewritten in place when the attempt ends, removed by the
-    # claim of attempt N+1. NAME.N.x marks attempt N as handed back. No file: todo, unclaimed.
+    # attempt N (its lock record, a line), its holder appends the attempt's result as a second
+    # line (one create per attempt: on parallel filesystems creates are the expensive part);
+    # anyone else rewrites it whole (tmp + rename); the claim of attempt N+1 removes it.
+    # The last complete line is the state. NAME.N.x marks attempt N as handed back. No file:
+    # todo, unclaimed.
 
     def shard(self, name):
         """The state directory of a token (a hash of its name: no directory grows too big)."""
@@ -237,7 +263,7 @@ class Pool(object):
         return self._read(name, n, self._file(name, n))
 
     def _read(self, name, n, path, depth=0):
-        doc = read_json(path)
+        doc = read_record(path)
         if not isinstance(doc, dict) or doc.get("token") != name or doc.get("state") not in STATES:
             try:
                 st = os.stat(path)
@@ -321,9 +347,11 @@ class Pool(object):
                    if "end" in rec or now - rec["beat"] > timeout)
 
     # transitions ---------------------------------------------------------------------------
-    def claim(self, name, attempt, record):
+    def claim(self, name, attempt, record, keep=False):
         """Create the token's file for ``attempt`` exclusively, holding ``record``: True if the
-        attempt is ours now. The previous attempt's files go (one file per token)."""
+        attempt is ours now. The previous attempt's files go (one file per token). With
+        ``keep``, the open file (a descriptor) instead of True: the holder appends the
+        attempt's result to it (``append``) rather than creating another file."""
         path = self._file(name, attempt)
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
@@ -333,19 +361,22 @@ class Pool(object):
             if e.errno != errno.ENOENT:
                 raise
             mkdirs(os.path.dirname(path))
-            return self.claim(name, attempt, record)
+            return self.claim(name, attempt, record, keep)
         try:
-            _write_all(fd, record)
+            _write_all(fd, record + b"\n")
         except OSError:
             # the claim exists but its record could not be written (a full disk): undo it,
             # nobody else can hold this attempt yet
             os.close(fd)
             os.unlink(path)
             raise
-        os.close(fd)
+        if not keep:
+            os.close(fd)
         if os.path.exists(self._file(name, attempt + 1)):
             # a newer attempt exists (its claim removed this one's file before we came):
             # our view was old; that attempt, not ours, is the token's
+            if keep:
+                os.close(fd)
             os.unlink(path)
             return False
         if attempt > 1:  # (a first attempt has nothing before it, but for the rare error written
@@ -355,7 +386,17 @@ class Pool(object):
                     os.unlink(old)
                 except OSError:
                     pass
-        return True
+        return fd if keep else True
+
+    def append(self, fd, name, doc):
+        """The holder's result for the attempt it claimed with ``keep``: a line after the lock
+        record (a reader that sees it half-written still reads the lock line). The shard
+        directory is touched: incremental scans skip directories that did not change."""
+        _write_all(fd, dump(doc) + b"\n")
+        try:
+            os.utime(self.shard(name))
+        except OSError:
+            pass
 
     def put(self, name, doc):
         """Rewrite the record of the attempt ``doc`` is about (tmp + rename: atomic)."""
@@ -496,7 +537,8 @@ def mkdirs(path):
 class Token(object):
     __slots__ = ("name", "command", "cores", "walltime", "memory", "env", "deps", "retries", "rank",
                  "stage", "own", "status", "attempt", "failures", "lost", "unmet", "queued", "scrubs",
-                 "nodes", "mpi", "ranks", "ranks_per_node", "gpus", "gpu_ids", "gpu_held", "lane", "log", "history")
+                 "nodes", "mpi", "ranks", "ranks_per_node", "gpus", "gpu_ids", "gpu_held", "lane", "log", "history",
+                 "claim_fd")
 
     def __init__(self, d, rank):
         self.name = d["name"]
@@ -517,6 +559,7 @@ class Token(object):
         self.lane = None  # the packed-log lane of its current attempt
         self.log = None  # where its current attempt's output is: [lane, out start, err start(, ends)]
         self.history = ()  # its earlier attempts, as its record keeps them (see HISTORY)
+        self.claim_fd = None  # its current attempt's file, held open to append the result
         self.rank = rank
         self.stage = 0
         self.own = False
@@ -861,7 +904,7 @@ class Agent(object):
             try:
                 self.take_lane(t)
                 lock = self.doc(t, LOCKED, start=now, end=None, exit_code=None, reason="", pid=os.getpid())
-                mine = self.pool.claim(t.name, t.attempt, dump(lock))
+                mine = self.pool.claim(t.name, t.attempt, dump(lock), keep=True)
             except OSError as e:  # a full disk or quota: keep the token, try again later
                 t.attempt -= 1
                 self.give_gpus(t)
@@ -875,6 +918,7 @@ class Agent(object):
                 self.give_lane(t)
                 self.set_status(t, "other")
                 continue
+            t.claim_fd = mine
             self.start(t, now)
             n += 1
         return n
@@ -953,6 +997,7 @@ class Agent(object):
         except OSError as e:
             self.give_lane(t)
             if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS):
+                self.drop_claim(t)
                 self.disk_trouble(e)  # cannot create its log files: not the task's fault
                 self.unwritten.append((t.name, self.doc(t, TODO, start=now, end=time.time(), exit_code=None,
                                                         reason="could not create its log files: %s" % e)))
@@ -986,6 +1031,7 @@ class Agent(object):
         while self.suspects and (self.stopping or final or time.time() - self.suspects[0][0] > 0.5):
             _, t, start, code = self.suspects.pop(0)
             if self.stopping:
+                self.drop_claim(t)
                 self.pool.release(t.name, self.doc(t, LOCKED, start=start, end=time.time()),
                                   "pilot %s stopped (%s)" % (self.pilot, self.exit_reason))
                 self.set_status(t, "other")
@@ -1093,9 +1139,33 @@ class Agent(object):
             self.write_busy()
         return ended
 
+    def drop_claim(self, t):
+        """Close the attempt's file if we still hold it open (its result is not appended)."""
+        fd, t.claim_fd = t.claim_fd, None
+        if fd is not None:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+            return True
+        return False
+
+    def write_result(self, t, doc):
+        """The attempt's result into its file: appended to the claim we hold open (no new
+        file), or the file rewritten (tmp + rename) when we do not hold it."""
+        fd, t.claim_fd = t.claim_fd, None
+        if fd is None:
+            self.pool.put(t.name, doc)
+            return
+        try:
+            self.pool.append(fd, t.name, doc)
+        finally:
+            os.close(fd)
+
     def finish(self, t, start, code, reason):
         if self.pool.released(t.name, t.attempt):
             # handed back while it ran (we looked dead to others): the result is void
+            self.drop_claim(t)
             self.set_status(t, "other")
             return
         if code == 0:
@@ -1111,7 +1181,7 @@ class Agent(object):
                 self.set_status(t, ERROR)
             doc = self.doc(t, t.status, start=start, end=time.time(), exit_code=code, reason=why)
         try:
-            self.pool.put(t.name, doc)
+            self.write_result(t, doc)
             if t.status == TODO:
                 self.pool.note_return(t.name, t.attempt)
         except OSError as e:
@@ -1559,6 +1629,7 @@ class Agent(object):
                 if st is not None and os.WIFEXITED(st) and os.WEXITSTATUS(st) == 0 and pid not in self.gang_pids:
                     self.finish(t, start, 0, "")  # it completed as we stopped it: done, not lost
                 else:
+                    self.drop_claim(t)
                     self.pool.release(t.name, self.doc(t, LOCKED, start=start, end=time.time()),
                                       "pilot %s stopped (%s)" % (self.pilot, self.exit_reason))
                 self.tell_reaper("- %d\n" % pid)

@@ -12,7 +12,7 @@ set -u
 
 PACKAGES=(slurmctld slurmd slurm-client munge
           gridengine-master gridengine-exec gridengine-client
-          openssh-server openmpi-bin libopenmpi-dev chromium faketime)
+          openssh-server openmpi-bin libopenmpi-dev chromium faketime strace)
 if [ "$#" -gt 0 ]; then PACKAGES=("$@"); fi
 
 if [ "${EUID:-$(id -u)}" -ne 0 ]; then

@@ -5,6 +5,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -244,3 +245,62 @@ def test_a_task_signalled_by_the_scheduler_just_before_the_launcher_is_handed_ba
     doc = pool.state("t00000")
     assert doc["state"] == "todo" and "stopped" in doc["reason"], doc
     assert doc["lost"] == 1 and doc.get("failures", 0) == 0
+
+
+def test_the_result_is_appended_to_the_claim_and_a_half_written_one_reads_as_the_lock(tmp_path):
+    """One create per attempt: the holder appends its result to the file its claim created.
+    A reader never sees a torn record (a half-written result line: the lock line before it),
+    and an incremental scan sees the appended result although no file was created."""
+    from pilotflow.launcher import dump
+    pool = make_pool(tmp_path, 1, "true")
+    lock = {"token": "t00000", "state": "locked", "attempt": 1, "pilot": "p1", "agent": 0}
+    fd = pool.claim("t00000", 1, dump(lock), keep=True)
+    assert isinstance(fd, int) and not isinstance(fd, bool)
+    assert pool.claim("t00000", 1, dump(lock), keep=True) is False  # exclusive, as before
+    path = Path(pool.shard("t00000")) / "t00000.1"
+    time.sleep(0.02)
+    since = time.time()
+    time.sleep(0.02)
+    os.write(fd, dump(dict(lock, state="done"))[:25])  # a launcher killed mid-append
+    assert pool.state("t00000")["state"] == "locked"
+    os.close(fd)
+    path.write_bytes(dump(lock) + b"\n")  # (start over from the lock line alone)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+    pool.append(fd, "t00000", dict(lock, state="done", exit_code=0))
+    os.close(fd)
+    assert len(path.read_bytes().splitlines()) == 2
+    assert pool.state("t00000")["state"] == "done"
+    assert pool.states(since=since)["t00000"]["state"] == "done"
+    assert len(list(Path(pool.shard("t00000")).iterdir())) == 1  # still the token's one file
+
+
+def test_each_attempt_of_a_run_costs_one_file_create(tmp_path):
+    """Counted with strace when available: a launcher running N tokens creates N state files
+    and no temporary files for their results."""
+    if shutil.which("strace") is None:
+        pytest.skip("strace is not installed (tests/run.sh installs it as root)")
+    make_pool(tmp_path, 200, "true", {"p1": [f"t{i:05d}" for i in range(200)]})
+    trace = tmp_path / "trace"
+    # the launcher process alone (not -f: its tasks' lines would interleave with "unfinished")
+    subprocess.run(["strace", "-qq", "-e", "trace=openat,rename", "-o", str(trace), sys.executable,
+                    str(LAUNCHER), "run", str(tmp_path), "--pilot", "p1", "--cores", "2", "--poll", "0.1"],
+                   check=True, capture_output=True, timeout=120)
+    lines = trace.read_text().splitlines()
+    creates = [x for x in lines if "/state/" in x and "O_CREAT" in x and re.search(r"= \d+$", x)]
+    renames = [x for x in lines if "rename(" in x and "/state/" in x]
+    assert len(creates) == 200, creates[:5]
+    assert renames == []
+
+
+def test_a_pool_of_another_format_is_refused_with_what_to_do(tmp_path):
+    """Format 2 pools (results rewritten, not appended) would be misread: refused, not guessed."""
+    make_pool(tmp_path, 1, "true", {"p1": ["t00000"]})
+    meta = json.loads((tmp_path / "run.json").read_text())
+    for fmt, word in ((2, "older"), (Pool.FORMAT + 1, "newer")):
+        (tmp_path / "run.json").write_text(json.dumps(dict(meta, format=fmt)))
+        p = launch(tmp_path, "p1", 1)
+        _, err = p.communicate(timeout=30)
+        assert p.returncode == 2
+        assert f"written by a{'n' if word == 'older' else ''} {word} pilotflow (pool format {fmt}" in err.decode()
+        assert "let that version finish the run" in err.decode()
+    assert not list((tmp_path / "state").rglob("t00000.*"))  # nothing claimed
