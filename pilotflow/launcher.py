@@ -164,6 +164,7 @@ class Pool(object):
     def __init__(self, root):
         self.root = os.path.abspath(root)
         self.meta = read_json(os.path.join(self.root, "run.json")) or {}
+        self._shards = None  # the state directories, by hash
 
     def path(self, *parts):
         return os.path.join(self.root, *parts)
@@ -231,8 +232,11 @@ class Pool(object):
 
     def shard(self, name):
         """The state directory of a token (a hash of its name: no directory grows too big)."""
-        width = int(self.meta.get("shard_width", 2))
-        return self.path("state", "%0*x" % (width, zlib.crc32(name.encode("utf-8")) % (16 ** width)))
+        dirs = self._shards
+        if dirs is None:
+            width = int(self.meta.get("shard_width", 2))
+            dirs = self._shards = [self.path("state", "%0*x" % (width, i)) for i in range(16 ** width)]
+        return dirs[zlib.crc32(name.encode("utf-8")) % len(dirs)]
 
     def _file(self, name, attempt, suffix=""):
         return os.path.join(self.shard(name), "%s.%d%s" % (name, attempt, suffix))
