@@ -69,14 +69,17 @@ def main() -> None:
         now = time.time()
         for i in range(1, n + 1):  # every token done, as a finished run leaves them
             name = f"t{i}"
-            pool.claim(name, 1, dump({"token": name, "state": "locked", "attempt": 1, "pilot": "p1", "agent": 0}))
-            pool.put(name, {"token": name, "state": "done", "attempt": 1, "exit_code": 0, "pilot": "p1", "agent": 0,
-                            "host": "node", "start": now, "end": now + 1, "log": ["p1.0.0", 0, 0, 0, 0]})
+            fd = pool.claim(name, 1, dump({"token": name, "state": "locked", "attempt": 1, "pilot": "p1", "agent": 0}),
+                            keep=True)  # as a launcher does: the claim, then its result appended
+            pool.append(fd, name, {"token": name, "state": "done", "attempt": 1, "exit_code": 0, "pilot": "p1",
+                                   "agent": 0, "host": "node", "start": now, "end": now + 1,
+                                   "log": ["p1.0.0", 0, 0, 0, 0]})
+            os.close(fd)
         fill = time.perf_counter() - t
         files = sum(len(os.listdir(s)) for s in (pool_dir / "state").iterdir())
         took, rss, _ = cli(d, "status", run)
         rows.append(("status (full sync)", took, rss, f"{n:,} states; pool filled in {fill:.0f} s"))
-        time.sleep(1.1)
+        time.sleep(2.5)  # past the 2 s of slack a sync re-reads (filesystem clock granularity)
         for i in range(1, 1001):
             name = f"t{i * (n // 1000)}"
             pool.put(name, {"token": name, "state": "done", "attempt": 1, "exit_code": 0, "changed": True})

@@ -289,7 +289,7 @@ class Pool(object):
     def states(self, since=None):
         """Every token that has a file (name → state), or only those changed at or after
         ``since`` (filesystem time). Unchanged shard directories are skipped whole: a claim, a
-        rewrite and a hand-back all change their directory's mtime."""
+        rewrite and a hand-back change their directory's mtime, an appended result touches it."""
         out = {}
         top = self.path("state")
         try:
@@ -305,6 +305,7 @@ class Pool(object):
                 except OSError:
                     continue
             newest = {}
+            marked = set()  # NAME.N.x: handed back (from the listing: no stat per token)
             try:
                 entries = list(os.scandir(d))
             except OSError:
@@ -312,6 +313,8 @@ class Pool(object):
             for e in entries:
                 name, _, n = e.name.rpartition(".")
                 if not n.isdigit() or not name:
+                    if n == "x":
+                        marked.add(name)
                     continue
                 n = int(n)
                 if n > newest.get(name, (0, None))[0]:
@@ -319,7 +322,7 @@ class Pool(object):
             for name, (n, e) in newest.items():
                 if since is not None:
                     try:
-                        if e.stat().st_mtime < since and not os.path.exists(e.path + ".x"):
+                        if e.stat().st_mtime < since and e.name not in marked:
                             continue
                     except OSError:
                         continue

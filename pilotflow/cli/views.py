@@ -48,7 +48,7 @@ def _pilot_rows(record, snap):
     per: dict[str, dict[str, int]] = {}
     for name, st in snap.states.states():
         if st in ("locked", "done", "error"):
-            pilot = snap.states[name].get("pilot")
+            pilot = snap.states.pilot(name)
             if pilot:
                 c = per.setdefault(pilot, {})
                 c[st] = c.get(st, 0) + 1

@@ -24,17 +24,22 @@ def _canonical(doc: dict) -> bytes:
 
 class States(Mapping):
     """Token name → state document, stored compactly: the canonical JSON bytes of each
-    document (decoded only when asked for) and its state word. A client holding a 100k-token
-    run keeps a few hundred bytes per token instead of a Python dict per token."""
+    document as the journal holds it (the token's name included; decoded only when asked
+    for), its state word and its pilot. A client holding a 100k-token run keeps a few hundred
+    bytes per token instead of a Python dict per token, and loading the journal decodes each
+    line once and encodes nothing."""
 
-    __slots__ = ("_raw", "_state")
+    __slots__ = ("_raw", "_state", "_pilot")
 
     def __init__(self):
         self._raw: dict[str, bytes] = {}
         self._state: dict[str, str] = {}
+        self._pilot: dict[str, str] = {}
 
     def __getitem__(self, name: str) -> dict:
-        return json.loads(self._raw[name])
+        doc = json.loads(self._raw[name])
+        doc.pop("token", None)
+        return doc
 
     def __iter__(self):
         return iter(self._raw)
@@ -45,15 +50,22 @@ class States(Mapping):
     def __contains__(self, name) -> bool:
         return name in self._raw
 
-    def put(self, name: str, doc: dict | bytes) -> bool:
+    def put(self, name: str, doc: dict) -> bool:
         """Store; returns whether it differs from what was there."""
-        raw = doc if isinstance(doc, bytes) else _canonical(doc)
+        raw = _canonical(dict(doc, token=name))
         if self._raw.get(name) == raw:
             return False
-        self._raw[name] = raw
-        st = json.loads(raw).get("state", "todo") if isinstance(doc, bytes) else doc.get("state", "todo")
-        self._state[name] = sys.intern(str(st))
+        self._keep(name, raw, doc)
         return True
+
+    def _keep(self, name: str, raw: bytes, doc: dict) -> None:
+        self._raw[name] = raw
+        self._state[name] = sys.intern(str(doc.get("state", "todo")))
+        pilot = doc.get("pilot")
+        if pilot:
+            self._pilot[name] = sys.intern(str(pilot))
+        else:
+            self._pilot.pop(name, None)
 
     def state(self, name: str) -> str:
         return self._state.get(name, "todo")
@@ -62,7 +74,12 @@ class States(Mapping):
         """(name, state word) pairs, without decoding documents."""
         return self._state.items()
 
+    def pilot(self, name: str) -> str | None:
+        """The pilot of the token's current (or last) attempt, without decoding its document."""
+        return self._pilot.get(name)
+
     def raw(self, name: str) -> bytes:
+        """The journal line of the token (canonical JSON, with its name)."""
         return self._raw[name]
 
 
@@ -83,10 +100,10 @@ class Mirror:
             for line in f:
                 try:
                     doc = json.loads(line)
-                    name = doc.pop("token")
-                except (ValueError, KeyError, AttributeError):
+                    name = doc["token"]
+                except (ValueError, KeyError, TypeError):
                     continue  # a record torn by an interrupted sync: the next sync re-sends it
-                out.put(name, doc)
+                out._keep(name, line.rstrip(b"\n"), doc)
         return out
 
     def update(self, docs: dict[str, dict], known: States) -> list[str]:
@@ -94,13 +111,12 @@ class Mirror:
         changed = []
         records = []
         for n, d in docs.items():
-            d = {k: v for k, v in d.items() if k != "token"}
             if known.put(n, d):
                 changed.append(n)
-                records.append(_canonical(dict(d, token=n)).decode())
+                records.append(known.raw(n))
         if not changed:
             return []
-        data = ("\n".join(records) + "\n").encode()
+        data = b"\n".join(records) + b"\n"
         fd = os.open(self.journal, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         try:
             os.write(fd, data)
@@ -117,8 +133,7 @@ class Mirror:
             return
         if lines <= 2 * max(len(known), 1000):
             return
-        data = b"".join(known.raw(n)[:-1] + b',"token":' + json.dumps(n).encode() + b"}\n" if known.raw(n) != b"{}"
-                        else _canonical({"token": n}) + b"\n" for n in known)
+        data = b"".join(known.raw(n) + b"\n" for n in known)
         write_atomic(str(self.journal), data)
 
     def cursor(self) -> dict:

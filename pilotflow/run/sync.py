@@ -6,6 +6,7 @@ launcher file is the remote helper); outputs come back in the background while `
 
 from __future__ import annotations
 
+import json
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -121,10 +122,11 @@ def sync_states(s: Session) -> Snapshot:
         # a pool reports only the tokens that belong to its resource now (a token moved away
         # leaves a "moved" record behind, which is not its state any more)
         mine = {n: d for n, d in doc["states"].items() if s.owner.get(n) == name}
-        old = {n: s.known[n] for n in mine if n in s.known}
+        old = {n: s.known.raw(n) for n in mine if n in s.known}  # decoded only if changed
         new_changes = mirror.update(mine, s.known)
         for n in new_changes:
-            s.events += token_events(n, old.get(n), mine[n])
+            before = json.loads(old[n]) if n in old else None
+            s.events += token_events(n, before, mine[n])
         changed += new_changes
         s.changed += new_changes
         for k, v in doc["agents"].items():
