@@ -29,7 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from pilotflow.launcher import Pool, dump  # noqa: E402
+from pilotflow.launcher import Pool, dump, shard_width  # noqa: E402
 
 # runs the CLI in a child that reports its own peak memory on its last stderr line
 CLI = ("import resource, sys\nfrom pilotflow.cli import main\nrc = main(sys.argv[1:])\n"
@@ -101,7 +101,7 @@ def main() -> None:
 
 
 def drain_bench(root: Path, n: int) -> tuple[float, float]:
-    pool = Pool.create(str(root), {"run": "drain", "lock_timeout": 300, "shard_width": 2 if n > 8000 else 1})
+    pool = Pool.create(str(root), {"run": "drain", "lock_timeout": 300, "shard_width": shard_width(n)})
     pool.add_defs([{"name": f"t{i}", "command": "true", "walltime": 1, "rank": i} for i in range(n)])
     pool.write_plan("p1", [f"t{i}" for i in range(n)])
     t = time.perf_counter()

@@ -11,7 +11,7 @@ Pool layout (``POOL`` = ROOT/RUN on the resource's shared filesystem)::
     defs/NNNNNN.json         token definitions, in batches; never rewritten (new batches may appear)
     plans/PILOT.json         a pilot's planned tokens (in order) and its stage
     state/SS/TOKEN.N         THE file of TOKEN (SS: a hash of its name, so that no directory
-                             holds more than a few thousand): created exclusively (O_EXCL) by
+                             holds more than ~64 on average): created exclusively (O_EXCL) by
                              the claim of attempt N, holding its lock record (pilot, host,
                              start, where its output goes) as a line; the holder appends the
                              attempt's result as the next line (the last complete line is the
@@ -151,8 +151,14 @@ class PoolError(Exception):
 
 
 def shard_width(tokens):
-    """Hex digits of the state directories' names: at most a few thousand files in each."""
-    return 1 if tokens <= 8000 else 2 if tokens <= 2000000 else 3
+    """Hex digits of the state directories' names: at most ~64 tokens per directory. Small
+    directories keep an incremental scan proportional to what changed: it lists and stats only
+    the directories whose mtime moved (1,000 changes among 1,000,000 tokens: ~15,000 entries,
+    not a million), and no directory of a huge pool is a burden to its filesystem."""
+    width = 1
+    while tokens > 64 * 16 ** width and width < 5:
+        width += 1
+    return width
 
 
 class Pool(object):
@@ -164,7 +170,8 @@ class Pool(object):
     def __init__(self, root):
         self.root = os.path.abspath(root)
         self.meta = read_json(os.path.join(self.root, "run.json")) or {}
-        self._shards = None  # the state directories, by hash
+        self._width = None  # hex digits of the state directories' names
+        self._shards = {}  # hash → state directory (those used so far)
 
     def path(self, *parts):
         return os.path.join(self.root, *parts)
@@ -232,11 +239,13 @@ class Pool(object):
 
     def shard(self, name):
         """The state directory of a token (a hash of its name: no directory grows too big)."""
-        dirs = self._shards
-        if dirs is None:
-            width = int(self.meta.get("shard_width", 2))
-            dirs = self._shards = [self.path("state", "%0*x" % (width, i)) for i in range(16 ** width)]
-        return dirs[zlib.crc32(name.encode("utf-8")) % len(dirs)]
+        if self._width is None:
+            self._width = int(self.meta.get("shard_width", 2))
+        key = zlib.crc32(name.encode("utf-8")) % (16 ** self._width)
+        d = self._shards.get(key)
+        if d is None:
+            d = self._shards[key] = self.path("state", "%0*x" % (self._width, key))
+        return d
 
     def _file(self, name, attempt, suffix=""):
         return os.path.join(self.shard(name), "%s.%d%s" % (name, attempt, suffix))

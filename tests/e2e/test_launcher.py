@@ -304,3 +304,45 @@ def test_a_pool_of_another_format_is_refused_with_what_to_do(tmp_path):
         assert f"written by a{'n' if word == 'older' else ''} {word} pilotflow (pool format {fmt}" in err.decode()
         assert "let that version finish the run" in err.decode()
     assert not list((tmp_path / "state").rglob("t00000.*"))  # nothing claimed
+
+
+def test_state_directories_stay_small_whatever_the_pool_size():
+    from pilotflow.launcher import shard_width
+    for n in (1, 1000, 3000, 100_000, 1_000_000, 10_000_000):
+        w = shard_width(n)
+        assert n / 16 ** w <= 64, (n, w)
+        assert w == 1 or n / 16 ** (w - 1) > 64, (n, w)  # not more directories than that needs
+
+
+def test_an_incremental_scan_reads_what_changed_not_the_pool(tmp_path, monkeypatch):
+    """1,000 changes among 1,000,000 tokens must not cost a million stats: only directories
+    whose mtime moved are listed, and they are small."""
+    from pilotflow.launcher import dump, shard_width
+    n = 5000
+    pool = Pool.create(str(tmp_path), {"run": "test", "lock_timeout": 300, "shard_width": shard_width(n)})
+    for i in range(n):
+        name = f"t{i}"
+        fd = pool.claim(name, 1, dump({"token": name, "state": "locked", "attempt": 1}), keep=True)
+        pool.append(fd, name, {"token": name, "state": "done", "attempt": 1})
+        os.close(fd)
+    time.sleep(0.05)
+    since = time.time()
+    time.sleep(0.05)
+    changed = {f"t{i}" for i in range(0, n, 500)}
+    for name in changed:
+        pool.put(name, {"token": name, "state": "error", "attempt": 1})
+    listed = []
+    real_scandir = os.scandir
+
+    def counting_scandir(path):
+        entries = list(real_scandir(path))
+        listed.append(len(entries))
+        return iter(entries)
+    monkeypatch.setattr(os, "scandir", counting_scandir)
+    seen = pool.states(since=since)
+    assert set(seen) == changed and all(d["state"] == "error" for d in seen.values())
+    assert len(listed) <= len(changed) and sum(listed) <= 64 * len(changed), listed
+    monkeypatch.undo()
+    listed.clear()
+    monkeypatch.setattr(os, "scandir", counting_scandir)
+    assert len(pool.states()) == n and sum(listed) == n  # (a full scan, for comparison)
