@@ -53,7 +53,7 @@ def main() -> None:
     a = ap.parse_args()
     n = a.tokens
     d = Path(tempfile.mkdtemp(prefix="pf-scale-"))
-    rows = []
+    rows = Rows()
     try:
         (d / "b.toml").write_text(f'[bundle]\nname = "scale"\n[[resource]]\nname = "here"\nscheduler = "local"\n'
                                   f'cores_per_node = 2\nsetup = ["exit 0"]\n[[task]]\nname = "t{{i}}"\n'
@@ -86,7 +86,7 @@ def main() -> None:
         took, rss, _ = cli(d, "status", run)
         rows.append(("status (1,000 changed)", took, rss, "incremental sync"))
         took, rss, _ = cli(d, "report", run, "-o", "r.html")
-        rows.append(("report", took, rss, f"{(d / 'r.html').stat().st_size / 1e6:.1f} MB page"))
+        rows.append(("report", took, rss, f"{(d / 'r.html').stat().st_size / 1e3:.0f} kB page"))
         all_files = sum(len(fs) for _, _, fs in os.walk(pool_dir))
         drain = drain_bench(d / "drain", a.drain)
         rows.append(("launcher drain", drain[0], drain[1], f"{a.drain:,} null tasks: {a.drain / drain[0]:.0f}/s"))
@@ -98,6 +98,15 @@ def main() -> None:
         print(f"  {what:<24} {took:8.1f}s {rss:8.0f} MB   {note}")
     print(f"  pool files: {files:,} state files and {all_files - files:,} others for {n:,} tokens "
           f"({all_files / n:.3f} per token)")
+
+
+class Rows(list):
+    """The table's rows, each also printed as it comes (a million-token run takes minutes)."""
+
+    def append(self, row) -> None:
+        super().append(row)
+        what, took, rss, note = row
+        print(f"  ... {what}: {took:.1f} s, {rss:.0f} MB, {note}", file=sys.stderr, flush=True)
 
 
 def drain_bench(root: Path, n: int) -> tuple[float, float]:

@@ -275,7 +275,7 @@ def _resolve_after(tasks: list[Task], pb: Problems) -> list[Task]:
                 pb.add(t.origin + ("after",), f"task '{t.name}': after = \"{pattern}\" matches no task{hint}")
             deps.extend(hit)
         out.append(replace(t, after=tuple(dict.fromkeys(deps))))
-    if not pb.items:
+    if not pb.items and any(t.after for t in out):
         cycle = find_cycle({t.name: t.after for t in out})
         if cycle:
             first = next(t for t in out if t.name == cycle[0])
@@ -286,10 +286,16 @@ def _resolve_after(tasks: list[Task], pb: Problems) -> list[Task]:
 def _check_fit(tasks: list[Task], resources: list[Resource], pb: Problems) -> None:
     """Tasks no resource can hold are bundle errors, reported once per task template."""
     reported: set[tuple] = set()
+    fits: set[tuple] = set()  # shapes known to fit: a million tasks of one template are a few shapes
     for t in tasks:
         if t.origin in reported:
             continue
+        shape = (t.resource, t.cores, t.nodes, t.memory_mb, t.gpus, t.walltime_s, t.mpi, t.ranks_per_node)
+        if shape in fits:
+            continue
         why = unfit(t, resources)
+        if not why:
+            fits.add(shape)
         if why:
             reported.add(t.origin)
             key, msg = why
