@@ -4,7 +4,8 @@ The token states are mirrored in ``states.jsonl``, a journal: each sync appends 
 changed in one write (the last record of a token wins; a torn last line from a killed sync is
 ignored) and ``sync.json``, the per-resource sync cursor, is written after it, so a sync killed
 at any point leaves a consistent mirror that the next sync completes. The journal is compacted
-(atomically rewritten) when it holds twice as many records as tokens.
+(atomically rewritten, one record per token) when it has grown to twice its size after the
+last compaction (``compacted.json``).
 """
 
 from __future__ import annotations
@@ -125,16 +126,22 @@ class Mirror:
         return changed
 
     def compact(self, known: States) -> None:
-        """Rewrite the journal with one record per token if it grew past twice that."""
+        """Rewrite the journal with one record per token once it grew past twice its size
+        after the last rewrite (judged from its size: counting its lines would read the whole
+        journal at every sync)."""
         try:
-            with open(self.journal, "rb") as f:
-                lines = sum(1 for _ in f)
+            size = os.stat(self.journal).st_size
         except FileNotFoundError:
             return
-        if lines <= 2 * max(len(known), 1000):
+        mark = read_json(str(self.dir / "compacted.json"))
+        if mark is None:  # the first sync: its journal holds a record per token at most
+            write_atomic(str(self.dir / "compacted.json"), dump({"size": size}))
+            return
+        if size <= 2 * max(int(mark.get("size") or 0), 1 << 20):
             return
         data = b"".join(known.raw(n) + b"\n" for n in known)
         write_atomic(str(self.journal), data)
+        write_atomic(str(self.dir / "compacted.json"), dump({"size": len(data)}))
 
     def cursor(self) -> dict:
         return read_json(str(self.dir / "sync.json")) or {}
