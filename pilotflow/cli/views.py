@@ -45,14 +45,9 @@ def print_plan(plan: Plan) -> None:
 
 
 def _pilot_rows(record, snap):
-    per: dict[str, dict[str, int]] = {}
-    for name, st in snap.states.states():
-        if st in ("locked", "done", "error"):
-            pilot = snap.states.pilot(name)
-            if pilot:
-                c = per.setdefault(pilot, {})
-                c[st] = c.get(st, 0) + 1
-    return per
+    """pilot → state → tokens (locked, done, error), from the mirror's counts."""
+    return {p: {st: n for st, n in c.items() if st in ("locked", "done", "error")}
+            for p, c in snap.states.pilot_counts().items()}
 
 
 def print_status(record, snap, state: str, reason: str = "") -> None:
@@ -81,9 +76,9 @@ def print_status(record, snap, state: str, reason: str = "") -> None:
         t.add_row(p.id, p.resource, str(p.job_id or "-"), p.state, str(p.nodes), str(c.get("locked", 0)),
                   str(c.get("done", 0)), str(c.get("error", 0)))
     out.print(t)
-    errors = [(n, snap.states[n]) for n, st in snap.states.states() if st == "error"]
-    for n, d in errors[:10]:
-        out.print(f"  [red]error[/red] {n}: {d.get('reason', '')}")
+    errors = snap.states.names_in("error")
+    for n in errors[:10]:
+        out.print(f"  [red]error[/red] {n}: {snap.states[n].get('reason', '')}")
     if len(errors) > 10:
         out.print(f"  ... and {len(errors) - 10} more in error")
 

@@ -141,7 +141,7 @@ def release_dead(s: Session) -> list[str]:
         dead = [p.id for p in record.pilots.values() if p.resource == name and p.state in FINISHED]
         if not dead:
             continue
-        locked = [n for n, st in s.known.states() if st == "locked" and s.known[n].get("pilot") in dead]
+        locked = [n for n in s.known.names_in("locked") if s.known.pilot(n) in dead]
         if not locked:
             continue
         res = record.resource(name)

@@ -6,7 +6,6 @@ launcher file is the remote helper); outputs come back in the background while `
 
 from __future__ import annotations
 
-import json
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,9 +36,11 @@ class Snapshot:
 
     def counts(self, total: int) -> dict[str, int]:
         c = {"todo": 0, "locked": 0, "done": 0, "error": 0}
-        for _, st in self.states.states():
-            c[st] = c.get(st, 0) + 1
-        c["todo"] += total - len(self.states)
+        known = 0
+        for st, n in self.states.counts().items():
+            c[st] = c.get(st, 0) + n
+            known += n
+        c["todo"] += total - known
         return c
 
 
@@ -122,11 +123,10 @@ def sync_states(s: Session) -> Snapshot:
         # a pool reports only the tokens that belong to its resource now (a token moved away
         # leaves a "moved" record behind, which is not its state any more)
         mine = {n: d for n, d in doc["states"].items() if s.owner.get(n) == name}
-        old = {n: s.known.raw(n) for n in mine if n in s.known}  # decoded only if changed
-        new_changes = mirror.update(mine, s.known)
-        for n in new_changes:
-            before = json.loads(old[n]) if n in old else None
+        new_changes = []
+        for n, before in mirror.update(mine, s.known):
             s.events += token_events(n, before, mine[n])
+            new_changes.append(n)
         changed += new_changes
         s.changed += new_changes
         for k, v in doc["agents"].items():

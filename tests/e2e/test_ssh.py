@@ -189,8 +189,8 @@ walltime = "1s"
     cli("submit", "jobs.toml", "--wait", cwd=work, env=env, check=0)
     run_dir = next((work / ".pilotflow" / "runs").iterdir())
     # throw the mirror away and cut syncs at different moments: connection and process
-    for f in ("states.jsonl", "sync.json"):
-        (run_dir / f).unlink()
+    for f in ("states.jsonl", "sync.json", "states.db", "states.db-wal", "states.db-shm"):
+        (run_dir / f).unlink(missing_ok=True)
     for delay in (0.05, 0.15, 0.3):
         p = subprocess.Popen([sys.executable, "-m", "pilotflow", "sync"], cwd=work, env={**os.environ, **env},
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
