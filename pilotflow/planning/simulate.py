@@ -129,6 +129,9 @@ class _Simulation:
         self.gang = [any(g.nodes > 1 and g.count.get(p) for g in groups) for p in range(n_p)]
         self.exhausted: set[int] = set()  # pilots whose own tokens are all claimed (may steal)
         self.just_exhausted: set[int] = {p for p in range(n_p) if self.own_unclaimed[p] == 0}
+        # nodes of a pilot that a theft exhausted after their turn in a stealing pass: they try
+        # at the next instant (a launcher looks again on its next poll)
+        self.late_thieves: set[int] = set()
 
     # bookkeeping ---------------------------------------------------------------------------
     def release(self, gi: int) -> None:
@@ -249,6 +252,8 @@ class _Simulation:
             self.just_exhausted.clear()
             return
         thieves = set(i for i in candidates if not self.own_unclaimed[self.nodes[i].pilot])
+        thieves |= self.late_thieves
+        self.late_thieves = set()
         for p in self.just_exhausted:
             thieves.update(self.pilot_nodes[p])
             self.exhausted.add(p)
@@ -260,7 +265,8 @@ class _Simulation:
 
     def steal(self, thieves: set[int], now: float) -> None:
         """One pass in node order; a theft can exhaust another pilot, whose later nodes then
-        steal in this same pass (as they would at this instant)."""
+        steal in this same pass (as they would at this instant) and whose earlier nodes try at
+        the next instant."""
         queue = sorted(thieves)
         heapq.heapify(queue)
         seen = set(queue)
@@ -275,6 +281,8 @@ class _Simulation:
                     if j > i and j not in seen:
                         seen.add(j)
                         heapq.heappush(queue, j)
+                    elif j < i:
+                        self.late_thieves.add(j)  # its turn in this pass is over
             self.just_exhausted.clear()
 
     def advance(self) -> tuple[float, set[int], bool]:

@@ -2,7 +2,7 @@
 
 import random
 
-from hypothesis import given, settings, strategies as st
+from hypothesis import example, given, settings, strategies as st
 
 from pilotflow.bundle import Task
 from pilotflow.planning.grouping import build_groups
@@ -51,12 +51,13 @@ def random_case(rnd):
     return pilots, tasks, assign
 
 
-# derandomized: the same 300 cases on every machine. Random exploration found two seeds
-# (19848150, 883000000: about 1 in 5,000, GPU tasks on 2-GPU nodes of several pilots) where
-# the simulator's makespans differ from the oracle's; that is an open bug (see the GPU
-# issue's note), and a suite that fails at random 6 % of the time is no CI signal.
-@settings(max_examples=300, deadline=None, derandomize=True)
+# the two seeds random exploration found (about 1 in 5,000): a pilot whose last own task was
+# stolen after its nodes' turn in a stealing pass never stole itself until a node freed; the
+# oracle (and a launcher, on its next poll) tries at the next instant
+@settings(max_examples=300, deadline=None)
 @given(st.integers(0, 10 ** 9))
+@example(19848150)
+@example(883000000)
 def test_aggregated_simulator_matches_the_naive_oracle(seed):
     rnd = random.Random(seed)
     pilots, tasks, assign = random_case(rnd)
