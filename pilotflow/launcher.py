@@ -552,7 +552,7 @@ def mkdirs(path):
 # --- tokens in a launcher's memory ----------------------------------------------------------
 
 class Token(object):
-    __slots__ = ("name", "command", "cores", "walltime", "memory", "env", "deps", "retries", "rank",
+    __slots__ = ("name", "command", "shell", "cores", "walltime", "memory", "env", "deps", "retries", "rank",
                  "stage", "own", "status", "attempt", "failures", "lost", "unmet", "queued", "scrubs",
                  "nodes", "mpi", "ranks", "ranks_per_node", "gpus", "gpu_ids", "gpu_held", "lane", "log", "history",
                  "claim_fd")
@@ -560,6 +560,9 @@ class Token(object):
     def __init__(self, d, rank):
         self.name = d["name"]
         self.command = d["command"]
+        # the shell that runs the command as ``SHELL -c COMMAND`` (a Snakemake job run directly
+        # uses Snakemake's shell, bash); a name is looked up in the task's PATH
+        self.shell = d.get("shell") or None
         self.cores = int(d.get("cores", 1))
         self.walltime = float(d.get("walltime", 600))
         self.memory = int(d.get("memory") or 0)
@@ -1009,6 +1012,8 @@ class Agent(object):
             n = t.ranks or t.cores
             argv = mpi_argv(self.mpi, t, [(self.host, n)], log + ".hosts", max(1, t.cores // n), env,
                             self.mpi_plugin)
+        elif t.shell:
+            argv = [t.shell, "-c", t.command]
         try:
             pid = spawn(t.command, env, *self.outputs(t), argv=argv)
         except OSError as e:
@@ -1023,7 +1028,7 @@ class Agent(object):
                 self.enqueue(t)
                 return
             self.give_gpus(t)
-            self.finish(t, now, 127, "could not start /bin/sh: %s" % e)
+            self.finish(t, now, 127, "could not start %s: %s" % ((argv or ["/bin/sh"])[0], e))
             return
         self.running[pid] = (t, now)
         self.free -= t.cores

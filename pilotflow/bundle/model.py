@@ -37,6 +37,7 @@ class Task:
     mpi: bool = False
     ranks_per_node: int | None = None
     gpus: int = 0  # GPUs of the task, on its node, for its whole run (a multi-node task holds its nodes whole)
+    shell: str | None = None  # runs as ``SHELL -c COMMAND`` instead of /bin/sh (Snakemake jobs run directly)
     origin: tuple = ()
 
 

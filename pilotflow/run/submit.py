@@ -31,6 +31,8 @@ def token_def(t: Task, rank: int, res: Resource | None = None) -> dict:
          "retries": t.retries, "rank": rank}
     if t.gpus:
         d["gpus"] = t.gpus
+    if t.shell:
+        d["shell"] = t.shell
     if t.nodes > 1 or t.mpi:
         k = task_nodes(t, res.cores_per_node if res else None)
         d["nodes"] = k

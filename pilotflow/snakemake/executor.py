@@ -52,6 +52,12 @@ class ExecutorSettings(ExecutorSettingsBase):
         "help": "After the fewest pilots, the planner prefers the shortest makespan ('makespan') "
                 "or the fewest node-hours ('node-hours'). Default: makespan.",
         "choices": ["makespan", "node-hours"], "env_var": False, "required": False})
+    direct_shell: str = field(default="yes", metadata={
+        "help": "Run the command of eligible shell: jobs directly in the pilots, formatted here as Snakemake "
+                "would, instead of a python -m snakemake process per job ('yes', the default, or 'no'). "
+                "Jobs with conda, containers, modules, shadow, benchmark, scripts, run: blocks, groups or "
+                "storage files always take the python -m snakemake path; --verbose says why per job.",
+        "choices": ["yes", "no"], "env_var": False, "required": False})
     status_interval: float = field(default=1.0, metadata={
         "help": "Seconds between status checks. A check reads the token pools (one call per "
                 "resource); schedulers are asked about pilots only every 10 s. Default 1.",
@@ -92,6 +98,7 @@ class Executor(RemoteExecutor):
         self.resources = resources
         self._job_cores: Optional[int] = None
         self._warned: set[str] = set()
+        self.direct = {"direct": 0, "classic": 0}  # jobs submitted each way
         self.pilots = OpenRun(resources, workdir=Path(os.getcwd()), lock_timeout_s=lock_timeout,
                               idle_timeout_s=idle_timeout, max_pilots=s.max_pilots, optimize=s.optimize,
                               log=self.logger.info)
@@ -105,10 +112,16 @@ class Executor(RemoteExecutor):
         from pilotflow.errors import PilotflowError
         from pilotflow.bundle import unfit
         from pilotflow.snakemake.open_run import token_name
+        from snakemake.exceptions import RuleException
         accepted = []
         for job in jobs:
             self.run_job_pre(job)
-            task = self._task(job, token_name(job.name, job.jobid, self.pilots.rank))
+            try:
+                task = self._task(job, token_name(job.name, job.jobid, self.pilots.rank))
+            except (WorkflowError, RuleException, OSError) as e:  # preparing a direct job: protected outputs, ...
+                self.report_job_error(SubmittedJobInfo(job), msg=f"pilotflow: job {job.jobid} ({job.name}) "
+                                      f"could not be prepared: {e}")
+                continue
             why = unfit(task, self.resources)
             if why:
                 self.report_job_error(SubmittedJobInfo(job), msg=f"pilotflow: no resource can run this job "
@@ -127,10 +140,12 @@ class Executor(RemoteExecutor):
         self.run_jobs([job])
 
     def _task(self, job: JobExecutorInterface, name: str):
-        """The token for a job; its command is Snakemake's own job command."""
+        """The token for a job: its shell command run directly (see ``direct``), or else
+        Snakemake's own job command."""
         from pilotflow.bundle import Task
         cores = max(1, int(job.threads or 1))
         largest = max(r.cores_per_node for r in self.resources)
+        direct = self._direct(job, largest)
         if cores > largest:
             if job.name not in self._warned:
                 self._warned.add(job.name)
@@ -142,12 +157,32 @@ class Executor(RemoteExecutor):
             self.settings.default_runtime * 60
         mem = job.resources.get("mem_mb")
         memory = int(mem) if isinstance(mem, (int, float)) and mem > 0 else None
+        if direct is not None:
+            self.workflow.async_run(job.prepare())  # what the job's own Snakemake does first
+            self.direct["direct"] += 1
+            return Task(name=name, command=direct.command, shell=direct.shell, env=direct.env, cores=cores,
+                        walltime_s=max(1, walltime), memory_mb=memory)
+        self.direct["classic"] += 1
         self._job_cores = cores  # read by `cores` below while the command is formatted
         try:
             command = self.format_job_exec(job)
         finally:
             self._job_cores = None
         return Task(name=name, command=command, cores=cores, walltime_s=max(1, walltime), memory_mb=memory)
+
+    def _direct(self, job: JobExecutorInterface, largest: int):
+        """The job's command to run directly, or None (the reason is logged for --verbose)."""
+        if self.settings.direct_shell == "no":
+            return None
+        from pilotflow.snakemake.direct import direct_job, ineligible
+        why = ineligible(job, largest)
+        if why is None:
+            direct = direct_job(job, self.workflow, self.envvars())
+            if not isinstance(direct, str):
+                return direct
+            why = direct
+        self.logger.debug(f"pilotflow: job {job.jobid} ({job.name}) runs through python -m snakemake: {why}")
+        return None
 
     @property
     def cores(self):
@@ -202,6 +237,10 @@ class Executor(RemoteExecutor):
     def shutdown(self) -> None:
         super().shutdown()
         if getattr(self, "pilots", None) is not None:
+            n = self.direct["direct"] + self.direct["classic"]
+            if n:
+                self.logger.info(f"pilotflow: {self.direct['direct']} of {n} job(s) ran their shell command "
+                                 f"directly, {self.direct['classic']} through python -m snakemake")
             self.pilots.close()
 
 

@@ -28,7 +28,8 @@ EXAMPLE = ROOT / "workflows" / "snakemake"
 
 
 class TestWorkflows(snakemake.common.tests.TestWorkflowsLocalStorageBase):
-    """Snakemake's shared executor tests (a simple DAG and a group job), run in-process."""
+    """Snakemake's shared executor tests (a simple DAG and a group job), run in-process, with
+    shell jobs run directly (the default)."""
 
     __test__ = True
 
@@ -37,6 +38,13 @@ class TestWorkflows(snakemake.common.tests.TestWorkflowsLocalStorageBase):
 
     def get_executor_settings(self) -> Optional[ExecutorSettings]:
         return ExecutorSettings(idle_timeout="10s")
+
+
+class TestWorkflowsClassic(TestWorkflows):
+    """The same with every job through its own ``python -m snakemake``."""
+
+    def get_executor_settings(self) -> Optional[ExecutorSettings]:
+        return ExecutorSettings(idle_timeout="10s", direct_shell="no")
 
 
 def snakemake(cwd: Path, *args: str, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
@@ -82,6 +90,7 @@ def test_example_workflow_on_this_machine(work):
     wf = example(work)
     r = snakemake(wf, "-j", "50", "--config", "sims=20", "--pilotflow-idle-timeout", "20s")
     assert r.returncode == 0, r.stderr[-3000:]
+    assert "pilotflow: 26 of 26 job(s) ran their shell command directly, 0 through python -m snakemake" in r.stderr
     st = check_example(wf, 20)
     # one pilot for the three rules: the jobs that became ready later were bound to it
     # (late binding) rather than to new pilots
@@ -109,7 +118,8 @@ rule bad:
     r = snakemake(work, "-j", "4", "--pilotflow-idle-timeout", "5s", "--retries", "1")
     assert r.returncode != 0
     assert "Error in rule bad" in r.stderr
-    assert "pilotflow token bad-" in r.stderr and "failed: exit code 1" in r.stderr  # its own snakemake exits 1
+    # run directly, the command's own exit code is the token's
+    assert "pilotflow token bad-" in r.stderr and "failed: exit code 3" in r.stderr
     assert marker in r.stderr  # the tail of the token's log is in the message
     # Snakemake's retry is a second token (its own log); both logs' paths were reported
     err_logs = sorted((work / ".pilotflow" / "runs").glob("*/logs/bad-*.err"))
