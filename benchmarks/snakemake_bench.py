@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -93,7 +94,9 @@ def run_one(executor: str, sims: int, work: Path, env: dict) -> dict:
     expected = str(sum(i * i for i in range(sims)))
     assert (work / "results" / "report.txt").read_text().strip() == expected
     cmds = log.read_text().split() if log.exists() else []
+    m = re.search(r"pilotflow: (\d+) of (\d+) job\(s\) ran their shell command directly", r.stderr)
     return {"executor": executor, "makespan_s": round(makespan, 1), "slurm_jobs": cmds.count("sbatch"),
+            "direct": f"{m.group(1)} of {m.group(2)}" if m else "-",
             "slurm_commands": len(cmds), "by_command": {c: cmds.count(c) for c in COMMANDS if c in cmds},
             "jobs": sims + sims // 4 + 1}
 
@@ -109,6 +112,7 @@ def main() -> None:
     ap.add_argument("--params", choices=("fast", "default", "both"), default="both",
                     help="Slurm scheduling parameters to run with")
     ap.add_argument("--json", type=Path, help="also write the rows to this file")
+    ap.add_argument("--only", choices=tuple(EXECUTORS), help="run one executor (no comparison)")
     a = ap.parse_args()
     waited = wait_for_free_slurm()
     if waited >= 1:
@@ -121,17 +125,20 @@ def main() -> None:
         for p in params:
             if cluster.fast != (p == "fast"):
                 cluster.restart(fast=p == "fast")
-            for executor in EXECUTORS:
+            for executor in [a.only] if a.only else EXECUTORS:
                 row = dict(run_one(executor, a.sims, base / f"{executor}-{p}", {**os.environ, **cluster.env}),
                            params=p)
                 rows.append(row)
                 print(f"{p:<8} {executor:<10} makespan {row['makespan_s']:7.1f} s  Slurm jobs {row['slurm_jobs']:4d}  "
-                      f"Slurm commands {row['slurm_commands']:5d} {row['by_command']}", flush=True)
+                      f"Slurm commands {row['slurm_commands']:5d} {row['by_command']}  jobs run directly {row['direct']}",
+                      flush=True)
     except Failed as e:
         sys.exit(f"{e}\n(kept {base})")
     finally:
         cluster.stop()
     shutil.rmtree(base, ignore_errors=True)
+    if a.only:
+        return
     jobs = rows[0]["jobs"]
     print(f"\n{jobs} Snakemake jobs ({a.sims} simulate, {a.sims // 4} aggregate, 1 report) on 3 nodes x 4 CPUs:")
     for p in params:
@@ -141,7 +148,8 @@ def main() -> None:
               f"({sl['makespan_s'] / pf['makespan_s']:.1f}x shorter), Slurm jobs {pf['slurm_jobs']} vs "
               f"{sl['slurm_jobs']} ({sl['slurm_jobs'] / max(pf['slurm_jobs'], 1):.0f}x fewer), Slurm commands "
               f"{pf['slurm_commands']} vs {sl['slurm_commands']} (without the scontrol of every Snakemake process "
-              f"loading the slurm plugin: {own(pf)} vs {own(sl)})")
+              f"loading the slurm plugin: {own(pf)} vs {own(sl)}); pilotflow ran {pf['direct']} jobs' shell "
+              f"commands directly")
     if a.json:
         a.json.write_text(json.dumps(rows, indent=1))
 

@@ -719,6 +719,8 @@ class Agent(object):
         self.cores = self.free = cores
         self.memory = self.mem_free = memory  # 0: not limited
         self.started = time.time()
+        self.idle_s = 0.0  # seconds with no task running (in its end record; status and report show it)
+        self.idle_since = self.started
         if deadline is None and walltime:
             deadline = self.started + walltime
         self.deadline = deadline  # when the scheduler ends the pilot (None: never)
@@ -1030,6 +1032,7 @@ class Agent(object):
             self.give_gpus(t)
             self.finish(t, now, 127, "could not start %s: %s" % ((argv or ["/bin/sh"])[0], e))
             return
+        self.busy_from(now)
         self.running[pid] = (t, now)
         self.free -= t.cores
         self.mem_free -= t.memory
@@ -1145,6 +1148,8 @@ class Agent(object):
             item = self.running.pop(pid, None)
             if item is None:
                 continue
+            if not self.running:
+                self.idle_since = time.time()
             t, start = item
             gang = self.gang_pids.pop(pid, None)
             if gang is not None:
@@ -1375,6 +1380,12 @@ class Agent(object):
     def gang_busy(self):
         return bool(self.gang_pids) or self.my_reservation() == "running"
 
+    def busy_from(self, now):
+        """A task starts: the idle stretch (if any) ends."""
+        if not self.running and self.idle_since is not None:
+            self.idle_s += max(0.0, now - self.idle_since)
+            self.idle_since = None
+
     def write_busy(self, force=False):
         if not self.gang_pilot:
             return
@@ -1472,6 +1483,7 @@ class Agent(object):
             self.give_lane(t)
             self.finish(t, now, 127, "could not start the gang: %s" % e)
             return
+        self.busy_from(now)
         self.running[pid] = (t, now)
         self.gang_pids[pid] = dict(d, attempt=t.attempt)
         if self.agent in d["agents"]:
@@ -1657,8 +1669,10 @@ class Agent(object):
                 self.tell_reaper("- %d\n" % pid)
             self.running.clear()
         try:
+            end = time.time()
+            idle = self.idle_s + (end - self.idle_since if self.idle_since is not None else 0.0)
             write_atomic(self.pool.path("agents", self.key + ".end"),
-                         dump({"end": time.time(), "reason": self.exit_reason, "ran": self.ran}))
+                         dump({"end": end, "reason": self.exit_reason, "ran": self.ran, "idle": round(idle, 1)}))
         except OSError:
             pass  # no end record: others see the heartbeat stop instead
         if self.reaper is not None:

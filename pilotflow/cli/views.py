@@ -7,6 +7,7 @@ from rich.table import Table
 
 from pilotflow.planning.plan import Plan
 from pilotflow.bundle.units import format_duration
+from pilotflow.run.control import pilot_idle
 
 
 def console(stderr: bool = False) -> Console:
@@ -68,13 +69,15 @@ def print_status(record, snap, state: str, reason: str = "") -> None:
             out.print(f"  {res}: " + "  ".join(f"{k} {v}" for k, v in c.items())
                       + (f"  [red](broken: {broken})[/red]" if broken else ""))
     t = Table(title_justify="left")
-    for col in ("pilot", "resource", "job", "state", "nodes", "running", "done", "error"):
+    for col in ("pilot", "resource", "job", "state", "nodes", "running", "done", "error", "idle"):
         t.add_column(col)
     per = _pilot_rows(record, snap)
+    idle = pilot_idle(snap.agents or {})
     for p in record.pilots.values():
         c = per.get(p.id, {})
         t.add_row(p.id, p.resource, str(p.job_id or "-"), p.state, str(p.nodes), str(c.get("locked", 0)),
-                  str(c.get("done", 0)), str(c.get("error", 0)))
+                  str(c.get("done", 0)), str(c.get("error", 0)),
+                  "-" if idle.get(p.id) is None else f"{idle[p.id]:.0f} s")
     out.print(t)
     errors = snap.states.names_in("error")
     for n in errors[:10]:

@@ -88,6 +88,20 @@ class Row:
     lanes: int = 0
     attempts: list[Attempt] = field(default_factory=list)
 
+    @property
+    def idle_s(self) -> float | None:
+        """Seconds between its launcher's start and end with no attempt running: a pilot
+        waiting for work (a Snakemake workflow's next jobs) or for its idle timeout."""
+        if self.start is None or self.end is None:
+            return None
+        busy, reach = 0.0, self.start
+        for a in sorted(self.attempts, key=lambda a: a.start):
+            lo, hi = max(a.start, reach), min(a.start + a.shown, self.end)
+            if hi > lo:
+                busy += hi - lo
+                reach = hi
+        return max(0.0, (self.end - self.start) - busy)
+
 
 @dataclass
 class PilotSpan:
@@ -103,6 +117,12 @@ class PilotSpan:
     end: float | None = None  # last agent end (now while it runs)
     rows: list[Row] = field(default_factory=list)
     gpus_per_node: int = 0
+
+    @property
+    def idle_s(self) -> float | None:
+        """Node-seconds its launchers ran no task (None before any started)."""
+        spans = [r.idle_s for r in self.rows if r.idle_s is not None]
+        return sum(spans) if spans else None
 
     @property
     def cores(self) -> int:

@@ -91,12 +91,28 @@ def status_json(record: RunRecord, snap: Snapshot, state: str = "", reason: str 
                           "attempts": int(d.get("attempt", 0)), "pilot": d.get("pilot"), "host": d.get("host"),
                           "start": d.get("start"), "end": d.get("end")}
     finished = counts["todo"] == 0 and counts["locked"] == 0
+    idle = pilot_idle(snap.agents or {})
     doc = {"run": record.run, "finished": finished, "state": state or ("finished" if finished else "running")}
     if doc["state"] == "stalled":
         doc["reason"] = reason
     return {**doc, "counts": counts, "tokens": tokens,
-            "pilots": {p.id: {"resource": p.resource, "job_id": p.job_id, "state": p.state}
-                       for p in record.pilots.values()}}
+            "pilots": {p.id: {"resource": p.resource, "job_id": p.job_id, "state": p.state,
+                              "idle_s": idle.get(p.id)} for p in record.pilots.values()}}
+
+
+def pilot_idle(agents: dict[str, dict]) -> dict[str, float | None]:
+    """Seconds each pilot's launchers ran no task, from their end records (summed over its
+    nodes); None while one of them runs (or for launchers older than the record)."""
+    out: dict[str, float | None] = {}
+    for a in agents.values():
+        pid = a.get("pilot")
+        end = a.get("end") if isinstance(a.get("end"), dict) else None
+        idle = end.get("idle") if end else None
+        if idle is None or (pid in out and out[pid] is None):
+            out[pid] = None
+        else:
+            out[pid] = round(out.get(pid, 0.0) + float(idle), 1)
+    return out
 
 
 def token_logs(record: RunRecord, token: str) -> tuple[dict, dict[str, str]]:

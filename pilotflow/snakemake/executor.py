@@ -129,8 +129,9 @@ class Executor(RemoteExecutor):
                                       f"{why[1]}")
                 continue
             accepted.append((job, task))
+        guessed = {t.name for job, t in accepted if not _runtime(job)}
         try:
-            self.pilots.add([t for _, t in accepted])
+            self.pilots.add([t for _, t in accepted], kinds={t.name: job.name for job, t in accepted}, guessed=guessed)
         except PilotflowError as e:
             raise WorkflowError(f"pilotflow: {e}") from None
         for job, task in accepted:
@@ -152,9 +153,8 @@ class Executor(RemoteExecutor):
                 self.logger.warning(f"pilotflow: {job.name} asks for {cores} threads but the largest node has "
                                     f"{largest} cores; its jobs run with {largest}")
             cores = largest
-        runtime = job.resources.get("runtime")
-        walltime = int(float(runtime) * 60) if isinstance(runtime, (int, float)) and runtime > 0 else \
-            self.settings.default_runtime * 60
+        runtime = _runtime(job)
+        walltime = int(runtime * 60) if runtime else self.settings.default_runtime * 60
         mem = job.resources.get("mem_mb")
         memory = int(mem) if isinstance(mem, (int, float)) and mem > 0 else None
         if direct is not None:
@@ -242,6 +242,12 @@ class Executor(RemoteExecutor):
                 self.logger.info(f"pilotflow: {self.direct['direct']} of {n} job(s) ran their shell command "
                                  f"directly, {self.direct['classic']} through python -m snakemake")
             self.pilots.close()
+
+
+def _runtime(job) -> float | None:
+    """The job's ``runtime`` resource in minutes, if it has one."""
+    runtime = job.resources.get("runtime")
+    return float(runtime) if isinstance(runtime, (int, float)) and runtime > 0 else None
 
 
 def _local() -> list:

@@ -29,7 +29,7 @@ import math
 import re
 import threading
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Container
 
@@ -42,6 +42,7 @@ from pilotflow.schedulers import backend
 from pilotflow.schedulers.base import FINISHED
 from pilotflow.run.pilots import cancel_pilots, refresh_pilots, release_dead
 from pilotflow.run.sync import Session, fetch_logs, sync_states
+from pilotflow.snakemake.estimates import Capacity, Runtimes
 
 FRUITLESS_LIMIT = 3  # pilots in a row that end without running anything while jobs wait: stop
 SCHEDULER_EVERY_S = 10.0  # how often schedulers are asked about pilots (token states come from the pools)
@@ -58,23 +59,6 @@ def token_name(label: str, jobid: object, taken: Container[str]) -> str:
         n += 1
         name = f"{base}.{n}"
     return name
-
-
-@dataclass
-class _Capacity:
-    """What a live pilot can still take: its node shape, remaining seconds and spare core-seconds."""
-
-    pilot: str
-    resource: Resource
-    cores: int
-    remaining: float
-    running: bool
-    spare: float
-
-    def fits(self, t: Task) -> bool:
-        return (t.cores <= self.resource.cores_per_node and t.walltime_s <= self.remaining
-                and not (t.memory_mb and self.resource.memory_per_node_mb
-                         and t.memory_mb > self.resource.memory_per_node_mb))
 
 
 class OpenRun:
@@ -111,22 +95,27 @@ class OpenRun:
         self.fruitless = 0  # pilots in a row that ended without running anything while jobs waited
         self.tasks_saved = 0.0
         self.closed = False
+        self.runtimes = Runtimes()  # estimates for tokens whose walltime is a default guess
+        self.released: set[str] = set()  # pilots cancelled because they could run nothing
 
     @property
     def run(self) -> str:
         return self.record.run
 
     # adding work ---------------------------------------------------------------------------
-    def add(self, tasks: list[Task]) -> None:
+    def add(self, tasks: list[Task], kinds: dict[str, str] | None = None, guessed: Container[str] = ()) -> None:
         """Take new tokens: those live pilots can finish are bound to them and published at
         once; the rest wait in the backlog for the next planning round (see ``poll``). Tasks
-        must fit a resource (``pilotflow.bundle.unfit``)."""
+        must fit a resource (``pilotflow.bundle.unfit``). ``kinds``: a label per token (the
+        Snakemake rule) whose finished tokens' runtimes estimate the others'; ``guessed``:
+        tokens whose walltime is a default guess, not the user's estimate (see ``Runtimes``)."""
         if not tasks:
             return
         with self.lock:
             now = time.time()
             for t in tasks:
                 self.rank[t.name] = len(self.rank)
+                self.runtimes.add(t, (kinds or {}).get(t.name), t.name in guessed)
             self.backlog.extend(self._bind(tasks))
             if self.backlog:
                 self.backlog_first = self.backlog_first or now
@@ -139,10 +128,12 @@ class OpenRun:
         bound: dict[str, list[Task]] = {}
         rest: list[Task] = []
         for t in tasks:
-            cap = self._best(t, caps.values())
+            est = self.runtimes.estimate(t)
+            cap = self._best(est, caps.values())
             if cap is None:
-                rest.append(t)
+                rest.append(t)  # planned with the full guess: new pilots are sized safely
                 continue
+            t = est
             cap.spare -= t.cores * t.walltime_s
             bound.setdefault(cap.pilot, []).append(replace(t, resource=cap.resource.name))
         # plans of live pilots first, then the definitions: a launcher that sees the new
@@ -172,7 +163,7 @@ class OpenRun:
             self._publish(res, [replace(plan.bundle.tasks[i], resource=res.name) for i in rp.tasks])
         self._submit(plan)
 
-    def _best(self, t: Task, caps) -> _Capacity | None:
+    def _best(self, t: Task, caps) -> Capacity | None:
         """The live pilot to bind a token to: running before queued, then the most spare."""
         fitting = [c for c in caps if c.fits(t) and c.spare >= t.cores * t.walltime_s]
         return max(fitting, key=lambda c: (c.running, c.spare), default=None)
@@ -200,6 +191,9 @@ class OpenRun:
             room -= len(rp.pilots)
         if not any(rp.pilots for rp in plan.resources):
             return
+        for rp in plan.resources:  # the new pilots' work is what live ones could not take
+            if rp.pilots:
+                self._release_idle(rp.resource.name, len(rp.tasks))
         names = [t.name for t in plan.bundle.tasks]
         transports = {rp.resource.name: self.session.transport(rp.resource.name) for rp in plan.resources}
         submit_pilots(self.record, plan, transports, launcher_args=["--idle-timeout", f"{self.idle_timeout_s:g}"],
@@ -208,6 +202,46 @@ class OpenRun:
             self.plans[p.id] = [names[i] for i in p.tasks]
             for i in p.tasks:
                 self.owner[names[i]] = p.id
+
+    def _holds_work(self, pilot: str) -> bool:
+        """Whether a pilot runs a token or has one bound to it that no other pilot has taken."""
+        for name in self.open:
+            word = self.state_word(name)
+            if word == "todo" and self.owner.get(name) == pilot:
+                return True
+            if word == "locked" and self.state(name).get("pilot") == pilot:
+                return True
+        return False
+
+    def _release_idle(self, res_name: str, waiting: int) -> None:
+        """Running pilots on a resource that hold no work while new pilots are planned there
+        for work they cannot take (too little walltime left, too small nodes) are cancelled
+        now rather than after their idle timeout: on a busy cluster the new pilots may wait
+        for exactly their nodes."""
+        if not backend(self.resources[res_name]).batch:
+            return  # pilots on this machine have no walltime: they take any work
+        idle = [p for p in self.record.pilots.values()
+                if p.resource == res_name and p.state not in FINISHED and p.job_id and not self._ended(p.id)
+                and any(a.get("pilot") == p.id for a in self.agents.values()) and not self._holds_work(p.id)]
+        if idle:
+            cancel_pilots(self.session, idle, check=False)
+            for p in idle:
+                self.released.add(p.id)
+            self.log(f"pilotflow: released idle pilot(s) {', '.join(p.id for p in idle)} on {res_name}: "
+                     f"they cannot run the {waiting} waiting job(s) (too little walltime left or too small)")
+
+    def _drop_needless(self) -> None:
+        """Queued pilots whose jobs all ran in other pilots would start only to idle: cancelled."""
+        needless = [p for p in self.record.pilots.values()
+                    if p.state not in FINISHED and p.job_id and p.id not in self.released
+                    and not any(a.get("pilot") == p.id for a in self.agents.values())
+                    and self.plans.get(p.id) and not self._holds_work(p.id)]
+        if needless:
+            cancel_pilots(self.session, needless, check=False)
+            for p in needless:
+                self.released.add(p.id)
+            self.log(f"pilotflow: cancelled queued pilot(s) {', '.join(p.id for p in needless)}: "
+                     f"their jobs ran in other pilots")
 
     def _room(self, res: Resource | None) -> int:
         """How many more pilots may be submitted, over all resources or on ``res``."""
@@ -276,7 +310,9 @@ class OpenRun:
                 refresh_pilots(self.session)
                 if release_dead(self.session):
                     changed += sync_states(self.session).changed
+                self._drop_needless()
             self._judge_ended_pilots()
+            self.runtimes.observe(changed, self.state_word, self.state)
             for n in changed:
                 if self.state_word(n) in ("done", "error"):
                     self.open.discard(n)
@@ -318,6 +354,8 @@ class OpenRun:
             if p.id in self.judged or not (p.state in FINISHED or self._ended(p.id)):
                 continue
             self.judged.add(p.id)
+            if p.id in self.released:
+                continue  # we cancelled it: its end says nothing about the resource
             ran = sum(int((a.get("end") or {}).get("ran", 0)) for a in self.agents.values() if a.get("pilot") == p.id)
             if ran:
                 self.fruitless = 0
@@ -353,12 +391,12 @@ class OpenRun:
         mine = [a for a in self.agents.values() if a.get("pilot") == pilot]
         return bool(mine) and all("end" in a for a in mine)
 
-    def _capacities(self) -> dict[str, _Capacity]:
+    def _capacities(self) -> dict[str, Capacity]:
         """Live pilots and what they can still take, from their walltimes, their launchers'
         deadlines and the estimated work they hold (todo tokens bound to them, locked
         tokens they run)."""
         now = time.time()
-        caps: dict[str, _Capacity] = {}
+        caps: dict[str, Capacity] = {}
         for p in self.record.pilots.values():
             if p.state in FINISHED or self._ended(p.id):
                 continue
@@ -371,7 +409,7 @@ class OpenRun:
                 remaining = (min(deadlines) - now) if deadlines else float(p.walltime_s)
                 remaining -= handback_guard(p.walltime_s)  # what the launcher keeps back before its deadline
             cores = p.nodes * p.cores_per_node
-            caps[p.id] = _Capacity(p.id, res, cores, remaining, bool(mine), cores * max(0.0, remaining))
+            caps[p.id] = Capacity(p.id, res, cores, remaining, bool(mine), cores * max(0.0, remaining))
         for name in self.open:
             t = self.tasks[name]
             if self.state_word(name) == "locked":
@@ -406,7 +444,8 @@ class OpenRun:
                 cap.spare -= t.cores * t.walltime_s
                 self.owner.pop(t.name, None)  # a thief will take it
             elif min(self._room(None), self._room(self.resources[t.resource])) > 0:
-                by_res.setdefault(t.resource, []).append(t)
+                # new pilots are sized for the full guess, not the estimate it was bound with
+                by_res.setdefault(t.resource, []).append(replace(t, walltime_s=max(t.walltime_s, self.runtimes.guess(t.name))))
         for res_name, ts in by_res.items():
             self.log(f"pilotflow: {len(ts)} job(s) on {res_name} have no live pilot that can run them; planning pilots")
             self._submit(self._plan(ts, [self.resources[res_name]]))
