@@ -186,3 +186,73 @@ def test_rerun_incomplete_after_the_pilot_and_the_workflow_were_killed(work):
     assert r.returncode == 0, r.stderr[-3000:]
     assert (work / "runs.log").read_text() == "a\nb\nb\n"  # exactly the incomplete job ran again
     assert (work / "b.txt").read_text() == "partial\nwhole\n"
+
+
+LEVELS = """
+rule all:
+    input: "l4.txt"
+
+rule l1:
+    output: "l1/{i}.txt"
+    resources: runtime=1
+    shell: "sleep 0.5; echo {wildcards.i} > {output}"
+
+rule l2:
+    input: "l1/{i}.txt"
+    output: "l2/{i}.txt"
+    RUNTIME
+    shell: "sleep 0.5; cat {input} > {output}"
+
+rule l3:
+    input: lambda wc: expand("l2/{i}.txt", i=range(int(wc.k) * 10, (int(wc.k) + 1) * 10))
+    output: "l3/{k}.txt"
+    shell: "sleep 0.5; cat {input} > {output}"
+
+rule l4:
+    input: expand("l3/{k}.txt", k=range(4))
+    output: "l4.txt"
+    shell: "cat {input} > {output}"
+"""
+
+
+def idle_gaps(tokens: dict) -> list[float]:
+    """Lengths of the intervals, between the first start and the last end, with no token running."""
+    spans = sorted((t["start"], t["end"]) for t in tokens.values() if t.get("start") and t.get("end"))
+    gaps, reach = [], spans[0][1]
+    for start, end in spans[1:]:
+        if start > reach:
+            gaps.append(start - reach)
+        reach = max(reach, end)
+    return gaps
+
+
+@pytest.mark.slurm
+@pytest.mark.parametrize("runtime", ["guessed", "declared"])
+def test_a_multi_level_workflow_on_slurm_never_waits_on_an_idle_pilot(work, slurm_cluster, runtime):
+    """The first pilot is sized for the first level (1 minute each): 3 nodes, 5 minutes.
+    guessed: the second level has no runtime (the 10-minute default guess); the first level's
+    observed runtimes place it in the same pilot. declared: it says 10 minutes, which the first
+    pilot cannot hold; the new pilot needs the same 3 nodes, so the idle first pilot is released
+    at once instead of idling until its 60 s timeout."""
+    from tests.e2e.test_snakemake import EXAMPLE, squeue_live
+    env = dict(slurm_cluster.env)
+    (work / "Snakefile").write_text(LEVELS.replace("RUNTIME", "resources: runtime=10" if runtime == "declared" else ""))
+    (work / "slurm.toml").write_text((EXAMPLE / "slurm.toml").read_text())
+    t0 = time.time()
+    r = snakemake(work, "-j", "500", "--pilotflow-resources", "slurm.toml", env=env)
+    took = time.time() - t0
+    assert r.returncode == 0, r.stderr[-3000:]
+    st = status_json(work, env=env)
+    assert st["counts"] == {"todo": 0, "locked": 0, "done": 85, "error": 0}
+    gaps = idle_gaps(st["tokens"])
+    # between levels: Snakemake's status check, binding, the launcher's next look -- seconds,
+    # not a pilot's idle timeout (60 s) while the guessed jobs waited for a new pilot
+    assert max(gaps) < 6, (sorted(gaps)[-5:], r.stderr[-3000:])
+    ran = {t["pilot"] for t in st["tokens"].values()}
+    assert ran == set(st["pilots"]), (ran, st["pilots"])  # no pilot submitted that ran nothing
+    if runtime == "guessed":
+        assert ran == {"p1"}, st["pilots"]
+    else:
+        assert "released idle pilot(s) p1 on slurm" in r.stderr and len(ran) == 2
+    assert took < 90, took
+    assert not squeue_live(slurm_cluster, [p["job_id"] for p in st["pilots"].values()])
