@@ -114,6 +114,11 @@ def main() -> None:
     ap.add_argument("--json", type=Path, help="also write the rows to this file")
     ap.add_argument("--only", choices=tuple(EXECUTORS), help="run one executor (no comparison)")
     a = ap.parse_args()
+    if a.only != "pilotflow":
+        import importlib.util
+        if importlib.util.find_spec("snakemake_executor_plugin_slurm") is None:
+            sys.exit("the peer is not installed: pip install snakemake-executor-plugin-slurm==2.8.0 "
+                     "(or run with --only pilotflow)")
     waited = wait_for_free_slurm()
     if waited >= 1:
         print(f"waited {waited:.0f} s for another Slurm to end", flush=True)

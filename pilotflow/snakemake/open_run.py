@@ -17,6 +17,11 @@ on the resources and sizes new pilots for it: new pilots are submitted only when
 exceeds what the live ones can do in their remaining walltime. Pilots are started with
 ``--idle-timeout``: an idle pilot waits that long for new tokens, then exits.
 
+A token whose runtime is only a default guess is bound with an estimate from similar finished
+tokens (``estimates.Runtimes``), not left for a new pilot while a live one idles. When new pilots
+are planned on a resource, running pilots there that hold no work are released at once (the new
+pilot may wait for their nodes); queued pilots whose tokens all ran elsewhere are cancelled.
+
 Tokens whose pilot ended before claiming them (or can no longer fit them) are "orphans": the
 other live pilots steal them, and what they cannot hold is planned into new pilots at the
 next poll.
@@ -223,12 +228,8 @@ class OpenRun:
         idle = [p for p in self.record.pilots.values()
                 if p.resource == res_name and p.state not in FINISHED and p.job_id and not self._ended(p.id)
                 and any(a.get("pilot") == p.id for a in self.agents.values()) and not self._holds_work(p.id)]
-        if idle:
-            cancel_pilots(self.session, idle, check=False)
-            for p in idle:
-                self.released.add(p.id)
-            self.log(f"pilotflow: released idle pilot(s) {', '.join(p.id for p in idle)} on {res_name}: "
-                     f"they cannot run the {waiting} waiting job(s) (too little walltime left or too small)")
+        self._let_go(idle, f"released idle pilot(s) {{}} on {res_name}: they cannot run the {waiting} waiting "
+                           f"job(s) (too little walltime left or too small)")
 
     def _drop_needless(self) -> None:
         """Queued pilots whose jobs all ran in other pilots would start only to idle: cancelled."""
@@ -236,12 +237,14 @@ class OpenRun:
                     if p.state not in FINISHED and p.job_id and p.id not in self.released
                     and not any(a.get("pilot") == p.id for a in self.agents.values())
                     and self.plans.get(p.id) and not self._holds_work(p.id)]
-        if needless:
-            cancel_pilots(self.session, needless, check=False)
-            for p in needless:
-                self.released.add(p.id)
-            self.log(f"pilotflow: cancelled queued pilot(s) {', '.join(p.id for p in needless)}: "
-                     f"their jobs ran in other pilots")
+        self._let_go(needless, "cancelled queued pilot(s) {}: their jobs ran in other pilots")
+
+    def _let_go(self, pilots: list, why: str) -> None:
+        """Cancel pilots that would run nothing; their ends are not held against the resource."""
+        if pilots:
+            cancel_pilots(self.session, pilots, check=False)
+            self.released.update(p.id for p in pilots)
+            self.log("pilotflow: " + why.format(", ".join(p.id for p in pilots)))
 
     def _room(self, res: Resource | None) -> int:
         """How many more pilots may be submitted, over all resources or on ``res``."""
