@@ -53,6 +53,7 @@ only once every earlier round has an outcome, and then only if nobody is alive t
 work, so pilots ending together (and the client's ``wait``) submit each round once.
 """
 
+import _thread
 import errno
 import json
 import math
@@ -136,7 +137,8 @@ def fs_now(directory):
     Heartbeats are compared with this, so clock skew between nodes and the file server does
     not make live pilots look dead.
     """
-    probe = os.path.join(directory, ".clock.%s.%d" % (socket.gethostname(), os.getpid()))
+    # unique per thread too: agents run in threads of one process in tests and the Python API
+    probe = os.path.join(directory, ".clock.%s.%d.%d" % (socket.gethostname(), os.getpid(), _thread.get_ident()))
     with open(probe, "w"):
         pass
     t = os.stat(probe).st_mtime

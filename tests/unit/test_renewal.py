@@ -173,3 +173,23 @@ def test_size_round_counts_a_gpus_share_of_the_node():
     # 8 one-GPU tasks of 10 min on 4-GPU nodes: two waves (20 min + margin, in minutes) on one
     # node, not one wave because 8 cores of 32 would do
     assert size_round(spec, left, 1.0) == [(1, 1320, [f"g{i}" for i in range(8)])]
+
+
+def test_the_filesystem_clock_can_be_read_from_threads_at_once(tmp_path):
+    """Launcher agents run in threads of one process here: their clock probes must not meet
+    (two shared one file, and one's unlink broke the other's stat: a renewal failed)."""
+    from pilotflow.launcher import fs_now
+    errors = []
+
+    def read_many():
+        try:
+            for _ in range(300):
+                fs_now(str(tmp_path))
+        except OSError as e:
+            errors.append(e)
+    threads = [threading.Thread(target=read_many) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and not list(tmp_path.iterdir())
