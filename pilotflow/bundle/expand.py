@@ -68,6 +68,20 @@ class Substituter:
             return text
         return self._re.sub(lambda m: values[m.group(1)], text)
 
+    def template(self, text: str):
+        """``text`` made into a function of the values, for expanding it many times: None when
+        it holds no placeholder (it stays as it is); else ``str.format_map`` of a template
+        with every other brace doubled (a million names in C rather than a regex each)."""
+        if self._re is None or "{" not in text or not self._re.search(text):
+            return None
+        parts, last = [], 0
+        for m in self._re.finditer(text):
+            parts.append(text[last:m.start()].replace("{", "{{").replace("}", "}}"))
+            parts.append("{" + m.group(1) + "}")
+            last = m.end()
+        parts.append(text[last:].replace("{", "{{").replace("}", "}}"))
+        return "".join(parts).format_map
+
     def unknown(self, text: str, known: Iterable[str]) -> list[str]:
         """Placeholder-looking words that are not variables (to warn about likely typos)."""
         known = set(known)

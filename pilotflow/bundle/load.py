@@ -215,19 +215,33 @@ def _instantiate(vals: dict, combos: list[dict[str, str]], variables: list[str],
     base["memory_mb"] = vals.get("memory")
     out = []
     bad_name = None
+    # fields without a placeholder are the same for every combination: set once, in base
+    fields = [(k, sub.template(vals[k])) for k in _SUBST_FIELDS if k in vals]
+    base.update((k, vals[k]) for k, f in fields if f is None)
+    fields = [(k, f) for k, f in fields if f is not None]
+    lists = [k for k in _SUBST_LISTS if k in vals and any(sub.template(x) for x in vals[k])]
+    base.update((k, tuple(vals[k])) for k in _SUBST_LISTS if k in vals and k not in lists)
+    env_varies = any(sub.template(v) for _, v in env)
+    base["env"] = tuple(env)
+    # paths are checked per task where they vary, else once
+    checked = tuple(k for k in ("inputs", "outputs") if k in lists)
+    bad = next(((k, x) for k in ("inputs", "outputs") if k in base for x in base[k] if _escapes(x)), None)
+    if bad is not None:
+        pb.value(origin, bad[0], vals[bad[0]], f"expands to {F.show(bad[1])}: paths must stay inside the "
+                 "bundle's directory (no leading / or ~, no ..)")
+        return out
     for values in combos:
         kw = dict(base)
-        for k in _SUBST_FIELDS:
-            if k in vals:
-                kw[k] = sub(vals[k], values)
-        for k in _SUBST_LISTS:
-            if k in vals:
-                kw[k] = tuple(sub(x, values) for x in vals[k])
-        kw["env"] = tuple((k, sub(v, values)) for k, v in env)
+        for k, f in fields:
+            kw[k] = f(values)
+        for k in lists:
+            kw[k] = tuple(sub(x, values) for x in vals[k])
+        if env_varies:
+            kw["env"] = tuple((k, sub(v, values)) for k, v in env)
         if not F.TASK_NAME_RE.fullmatch(kw["name"]) or set(kw["name"]) == {"."}:
             bad_name = bad_name or kw["name"]
             continue
-        bad = next(((k, x) for k in ("inputs", "outputs") for x in kw.get(k, ()) if _escapes(x)), None)
+        bad = next(((k, x) for k in checked for x in kw[k] if _escapes(x)), None) if checked else None
         if bad is not None:
             pb.value(origin, bad[0], vals[bad[0]], f"expands to {F.show(bad[1])}: paths must stay inside the "
                      "bundle's directory (no leading / or ~, no ..)")

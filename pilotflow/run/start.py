@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import shutil
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
@@ -49,7 +48,7 @@ def new_run(bundle: Bundle, *, cwd: Path | None = None, dry_run: bool = False,
     record.directory.mkdir(parents=True, exist_ok=True)
     # tasks are saved pinned to the resource that got them: their pool lives there
     where = {i: rp.resource.name for rp in plan.resources for i in rp.tasks}
-    record.save_tasks([replace(t, resource=where[i]) for i, t in enumerate(bundle.tasks)])
+    record.save_tasks(bundle.tasks, [where[i] for i in range(len(bundle.tasks))])
     for res in bundle.resources:  # all of them: a failover may send work where none went yet
         record.resources[res.name] = ResourceState.of(res)
     refused: dict[str, ExternalError] = {}

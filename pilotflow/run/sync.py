@@ -60,8 +60,16 @@ class Session:
         self.reload_owners()
 
     def reload_owners(self) -> None:
-        """Which resource each token belongs to now (tokens move on failover)."""
-        self.owner = self.record.owners()
+        """Forget which resource each token belongs to (tokens move on failover); read again
+        when first needed: a run on one resource never needs it to sync (a million names)."""
+        self._owner: dict[str, str] | None = None
+
+    @property
+    def owner(self) -> dict[str, str]:
+        """Token name → the resource whose pool holds it now."""
+        if self._owner is None:
+            self._owner = self.record.owners()
+        return self._owner
 
     def take_changed(self) -> list[str]:
         """Tokens changed by any sync since the last call (a follow-up or failover decision
@@ -122,7 +130,8 @@ def sync_states(s: Session) -> Snapshot:
         s.errors.pop(name, None)
         # a pool reports only the tokens that belong to its resource now (a token moved away
         # leaves a "moved" record behind, which is not its state any more)
-        mine = {n: d for n, d in doc["states"].items() if s.owner.get(n) == name}
+        mine = doc["states"] if len(record.resources) == 1 else \
+            {n: d for n, d in doc["states"].items() if s.owner.get(n) == name}
         new_changes = []
         for n, before in mirror.update(mine, s.known):
             s.events += token_events(n, before, mine[n])

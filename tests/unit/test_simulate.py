@@ -78,3 +78,15 @@ def test_aggregated_simulator_matches_the_naive_oracle(seed):
                               for p in pilots])
     assert r.makespan == ref_span
     assert sum(r.unfinished.values()) == len(ref_left)
+
+
+@settings(max_examples=300, deadline=None)
+@given(n=st.integers(0, 60), cores=st.sampled_from([1, 2, 3]), walltime=st.sampled_from([1, 7, 0.1, 35.5]),
+       memory=st.sampled_from([0, 3000]), gpus=st.sampled_from([0, 1, 2]), nodes=st.integers(1, 3),
+       cpn=st.sampled_from([1, 2, 4, 8]), mem=st.sampled_from([None, 8000]), limit=st.sampled_from([None, 3.5, 50, 0.3]),
+       start=st.sampled_from([0.0, 12.25]))
+def test_the_wave_shortcut_equals_the_event_simulation(n, cores, walltime, memory, gpus, nodes, cpn, mem, limit, start):
+    """One group of identical tasks on one pilot takes a shortcut; it must agree exactly."""
+    g = [SimGroup(cores=cores, walltime=walltime, memory=memory, gpus=gpus, count={0: n} if n else {})]
+    p = [SimPilot(nodes, cpn, mem, limit, start=start, gpus_per_node=4 if gpus else 0)]
+    assert simulate(g, p) == simulate(g, p, fast=False)
