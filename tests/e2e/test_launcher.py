@@ -346,3 +346,40 @@ def test_an_incremental_scan_reads_what_changed_not_the_pool(tmp_path, monkeypat
     listed.clear()
     monkeypatch.setattr(os, "scandir", counting_scandir)
     assert len(pool.states()) == n and sum(listed) == n  # (a full scan, for comparison)
+
+
+def test_plain_commands_run_without_a_shell_the_rest_through_it(tmp_path):
+    from pilotflow.launcher import plain_argv
+    env = {"PATH": os.environ["PATH"]}
+    assert plain_argv("true", env)[1] == ["true"]
+    assert plain_argv("sleep 0.1", env)[1] == ["sleep", "0.1"]
+    for needs_shell in ("echo -e x", "exit 3", "A=1 true", "true; true", "ls *", "true $HOME", "true 'a b'",
+                        "true\ntrue", "cd /", "no-such-program-here", "true > x", "-x"):
+        assert plain_argv(needs_shell, env) is None, needs_shell
+
+
+def test_plain_and_shell_commands_behave_alike_and_only_plain_ones_skip_the_shell(tmp_path):
+    """Counted with strace: the plain tokens exec their program directly; results (exit codes,
+    output, a script without #!, a missing program) are what the shell gave."""
+    if shutil.which("strace") is None:
+        pytest.skip("strace is not installed (tests/run.sh installs it as root)")
+    work = tmp_path / "work"
+    cases = {"t00000": ("true", 0), "t00001": ("false", 1), "t00002": ("sleep 0.01", 0),
+             "t00003": ("./noshebang.sh one two", 0), "t00004": ("no-such-program-here", 127),
+             "t00005": ("exit 3", 3), "t00006": ("true; true", 0)}
+    pool = Pool.create(str(tmp_path), {"run": "test", "lock_timeout": 300, "logs": "per-token"})
+    pool.add_defs([{"name": n, "command": c, "walltime": 1, "rank": i} for i, (n, (c, _)) in enumerate(cases.items())])
+    pool.write_plan("p1", list(cases))
+    (work / "noshebang.sh").write_text('echo "from-script $*"\n')
+    (work / "noshebang.sh").chmod(0o755)
+    trace = tmp_path / "trace"
+    subprocess.run(["strace", "-f", "-qq", "-e", "trace=execve", "-o", str(trace), sys.executable,
+                    str(LAUNCHER), "run", str(tmp_path), "--pilot", "p1", "--cores", "2", "--poll", "0.1"],
+                   check=True, capture_output=True, timeout=120)
+    for name, (_, code) in cases.items():
+        assert pool.state(name)["exit_code"] == code, (name, pool.state(name))
+    assert (tmp_path / "logs" / "t00003.1.out").read_text() == "from-script one two\n"
+    shells = [x for x in trace.read_text().splitlines() if 'execve("/bin/sh"' in x and "= 0" in x]
+    # the shell ran for: the script without #! (after the direct exec said ENOEXEC), the
+    # missing program, "exit 3" and "true; true"
+    assert len(shells) == 4, shells
