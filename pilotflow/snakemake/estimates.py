@@ -6,6 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Callable
 
+INF = float("inf")
+
 from pilotflow.bundle import Resource, Task
 
 
@@ -54,16 +56,25 @@ class Runtimes:
         guess = self.guessed.get(t.name)
         if guess is None or not self.observed:
             return t
-        seen = self.observed.get(self.kind.get(t.name, ""), max(self.observed.values()))
+        known = [v for v in self.observed.values() if v != INF]
+        seen = self.observed.get(self.kind.get(t.name, ""), max(known, default=INF))
+        if seen == INF:
+            return t
         est = int(min(guess, max(2 * seen + 10, seen * 1.5)))
         return replace(t, walltime_s=max(1, est)) if est < t.walltime_s else t
 
     def observe(self, names: list[str], word: Callable[[str], str], doc: Callable[[str], dict]) -> None:
-        """Take the runtimes of those of ``names`` that finished successfully."""
+        """Take the runtimes of those of ``names`` that finished successfully. A guessed token
+        handed back after an attempt (its pilot ended while it ran: it may have outrun its
+        estimate) makes its kind's estimate the full guess from then on."""
         for n in names:
             if n not in self.kind and n not in self.guessed:
                 continue
-            if word(n) != "done":
+            w = word(n)
+            if w == "todo" and n in self.guessed and int(doc(n).get("attempt") or 0) > 0:
+                self.observed[self.kind.get(n, "")] = INF
+                continue
+            if w != "done":
                 continue
             d = doc(n)
             try:

@@ -53,6 +53,16 @@ def test_guessed_runtimes_are_estimated_from_similar_finished_tokens():
     rt.observe(["b-0"], lambda n: done[n]["state"], done.__getitem__)
     assert rt.estimate(guessed).walltime_s == 600  # its own rule's runtime, at most the guess
     assert rt.guess("b-1") == 600 and rt.guess("c-1") == 0
+    # a guessed token handed back after an attempt: its kind is estimated with the full guess
+    rt.add(Task("d-0", "x", walltime_s=600), "d", True)
+    rt.add(Task("d-1", "x", walltime_s=600), "d", True)
+    done["d-0"] = {"state": "done", "start": 0.0, "end": 1.0}
+    rt.observe(["d-0"], lambda n: done[n]["state"], done.__getitem__)
+    assert rt.estimate(Task("d-1", "x", walltime_s=600)).walltime_s == 12
+    done["d-0"] = {"state": "todo", "attempt": 1}
+    rt.observe(["d-0"], lambda n: done[n]["state"], done.__getitem__)
+    assert rt.estimate(Task("d-1", "x", walltime_s=600)).walltime_s == 600
+    assert rt.estimate(Task("b-1", "x", walltime_s=600)).walltime_s == 600  # other kinds keep theirs
 
 
 def test_idle_time_of_a_launcher_is_its_life_without_a_running_attempt():
