@@ -1703,7 +1703,13 @@ def rounds(pool):
     for fn in names:
         if fn.endswith(".json") and fn[:-5].isdigit():
             doc = read_json(pool.path("followups", fn))
-            out[int(fn[:-5])] = doc if isinstance(doc, dict) else {"state": "claimed", "time": 0}
+            if not isinstance(doc, dict):  # a claim being written (or garbage): claimed when made
+                try:
+                    made = os.stat(pool.path("followups", fn)).st_mtime
+                except OSError:
+                    made = 0
+                doc = {"state": "claimed", "time": made}
+            out[int(fn[:-5])] = doc
     return out
 
 
@@ -1721,16 +1727,20 @@ def claim_round(pool, by):
     recs = rounds(pool)
     k = max(recs) + 1 if recs else 1
     doc = {"round": k, "state": "claimed", "by": by, "host": socket.gethostname(), "time": time.time()}
+    # written aside, then linked into place: the claim is exclusive and never seen half-written
+    # (another launcher took an empty claim for a stale one and did a second round)
+    path = pool.path("followups", "%06d.json" % k)
+    tmp = "%s.%s.%d.%d.tmp" % (path, socket.gethostname(), os.getpid(), _thread.get_ident())
+    with open(tmp, "wb") as f:
+        f.write(dump(doc))
     try:
-        fd = os.open(pool.path("followups", "%06d.json" % k), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        os.link(tmp, path)
     except OSError as e:
         if e.errno == errno.EEXIST:
             return None
         raise
-    try:
-        os.write(fd, dump(doc))
     finally:
-        os.close(fd)
+        os.unlink(tmp)
     return k
 
 
@@ -1975,7 +1985,7 @@ _POSIX_SPAWN = getattr(os, "posix_spawn", None)
 # name (keywords, builtins, echo's options); found on the task's PATH, else the shell reports.
 _PLAIN = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_./:,+@%=- \t")
 _SHELL_WORDS = frozenset("""! { } [ [[ ]] case do done elif else esac fi for function if in select then time until
-    while . : alias bg break builtin cd command continue declare echo eval exec exit export false fc fg getopts
+    while . : alias bg break builtin cd command continue declare echo eval exec exit export fc fg getopts
     hash jobs kill let local printf pwd read readonly return set shift source test times trap type typeset
     ulimit umask unalias unset wait""".split())
 _found = {}  # (program, PATH) -> its path, for programs found before

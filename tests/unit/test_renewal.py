@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 
@@ -193,3 +194,16 @@ def test_the_filesystem_clock_can_be_read_from_threads_at_once(tmp_path):
     for t in threads:
         t.join()
     assert not errors and not list(tmp_path.iterdir())
+
+
+def test_a_claim_being_written_is_an_open_round_not_a_stale_one(tmp_path):
+    """Two launchers ended together: the second saw the first's round file before its content
+    and took the empty file for a stale claim, so both submitted a round (a red CI)."""
+    from pilotflow.launcher import claim_round, rounds, wait_earlier_rounds
+    pool = make_pool(tmp_path)
+    os.makedirs(pool.path("followups"), exist_ok=True)
+    open(pool.path("followups", "000001.json"), "w").close()  # created, not yet written
+    assert rounds(pool)[1]["state"] == "claimed"
+    assert claim_round(pool, "p2.0") == 2
+    assert not wait_earlier_rounds(pool, 2, time.time() + 0.5)  # round 1 is still being claimed
+    assert claim_round(pool, "p3.0") == 3 and not [f for f in os.listdir(pool.path("followups")) if "tmp" in f]
