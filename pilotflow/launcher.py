@@ -152,6 +152,10 @@ class PoolError(Exception):
     """A pool this launcher cannot work on; the message says why and what to do."""
 
 
+class PoolUnreachable(PoolError):
+    """The pool's server did not answer (after retries): an external failure, not bad input."""
+
+
 def shard_width(tokens):
     """Hex digits of the state directories' names: at most ~256 tokens per directory. Small
     directories keep an incremental scan close to what changed (it lists and stats only the
@@ -168,6 +172,7 @@ class Pool(object):
     """A run's token pool on a (shared) filesystem."""
 
     SUBDIRS = ("defs", "plans", "state", "returns", "agents", "logs", "work", "followups", "pilots")
+    CONDITIONAL = False  # whether the holder's result write fails by itself once its attempt was handed back
     FORMAT = 3  # 2: one state file per token (the claim is its creation), packed logs; 3: results appended to the claim
 
     def __init__(self, root):
@@ -361,7 +366,7 @@ class Pool(object):
         return out
 
     def dead_agents(self, timeout, now=None):
-        now = fs_now(self.path("agents")) if now is None else now
+        now = self.now() if now is None else now
         return set(k for k, rec in self.agents().items()
                    if "end" in rec or now - rec["beat"] > timeout)
 
@@ -518,12 +523,722 @@ class Pool(object):
                 out.append(name)
         return out
 
+    # what launchers and helpers need besides token states (a database pool keeps these elsewhere)
+    def now(self):
+        """The pool's clock: the time heartbeats are compared with."""
+        return fs_now(self.path("agents"))
+
+    def changes(self, since):
+        """(cursor, states changed since ``cursor``): states re-read from 2 s before the last
+        look (coarse filesystem clocks); the cursor is the filesystem's time."""
+        now = self.now()
+        return now, self.states(since=None if since is None else since - 2.0)
+
+    def defs_count(self):
+        return len(os.listdir(self.path("defs")))
+
+    def defs_changed(self, seen):
+        """Whether definition batches appeared that ``defs(seen)`` has not returned yet."""
+        return self.defs_count() != len(seen)
+
+    def returned(self, seen):
+        """Tokens others handed back or retried since we last looked (new lines in the
+        processes' notes files; ``seen``: notes file → bytes read, updated)."""
+        out = []
+        d = self.path("returns")
+        for fn in os.listdir(d):
+            done = seen.get(fn, 0)
+            try:
+                if os.stat(os.path.join(d, fn)).st_size <= done:
+                    continue
+                with open(os.path.join(d, fn), "rb") as f:
+                    f.seek(done)
+                    data = f.read()
+            except OSError:
+                continue
+            data = data[:data.rfind(b"\n") + 1]  # whole lines only
+            seen[fn] = done + len(data)
+            out.extend(line.split(b" ")[0].decode("utf-8", "replace") for line in data.splitlines() if line)
+        return out
+
+    def close_claim(self, fd):
+        os.close(fd)
+
+    def write_agent(self, key, rec):
+        write_atomic(self.path("agents", key + ".json"), dump(rec))
+
+    def beat_agent(self, key):
+        """Heartbeat (the record's mtime); False if the record is gone."""
+        try:
+            os.utime(self.path("agents", key + ".json"), None)
+            return True
+        except OSError:
+            return False
+
+    def agent_end(self, key):
+        return read_json(self.path("agents", key + ".end"))
+
+    def end_agent(self, key, end):
+        write_atomic(self.path("agents", key + ".end"), dump(end))
+
+    def gone(self):
+        """Pilots the client saw finish (they will never start)."""
+        try:
+            return set(fn[:-5] for fn in os.listdir(self.path("agents")) if fn.endswith(".gone"))
+        except OSError:
+            return set()
+
     def lock_timeout(self):
         return float(self.meta.get("lock_timeout", 300))
 
     def workdir(self):
         w = self.meta.get("workdir") or "work"
         return w if os.path.isabs(w) else self.path(w)
+
+
+# --- a token pool in CouchDB (PiCaS's database) -------------------------------------------------
+# The same protocol with a database in place of the shared filesystem's state files: one
+# document per token in PiCaS's form (type "token", lock, done, hostname, scrub_count, input,
+# exit_code, the latest attempt's output as attachments) with pilotflow's definition and state
+# record under the key "pilotflow"; launchers' records are documents too. Every transition is
+# a conditional update on the revision the writer read: CouchDB accepts one update per
+# revision and answers 409 to the others, so a claim is exclusive (as the file pool's O_EXCL
+# create is) and a hand-back happens exactly once. Node-local things (the packed log lanes,
+# the reaper) stay in the launcher's own directory; follow-up rounds stay in the run directory
+# where there is one (a node that cannot submit jobs cannot renew anyway).
+
+CLIENT_PATIENCE = 20.0  # seconds a client's helper call retries a database that does not answer
+COUCH_PAGE = 1000  # documents per request when reading the run's tokens
+LOG_CAP = 65536  # bytes of each stream kept as an attachment (the tail: where errors are)
+MONITOR_VIEWS = {  # PiCaS's standard views (the picas-tutorial's createViews.py), created if missing
+    "todo": "doc.lock == 0 && doc.done == 0",
+    "locked": "doc.lock > 0 && doc.done == 0",
+    "done": "doc.lock > 0 && doc.done > 0 && parseInt(doc.exit_code) == 0",
+    "error": "doc.lock > 0 && doc.done > 0 && parseInt(doc.exit_code) != 0",
+}
+
+
+def couch_credentials(path):
+    """(user, password) from the environment (PILOTFLOW_COUCHDB_USER / _PASSWORD) or from a
+    file holding ``user:password`` that only its owner may read; None: no credentials."""
+    user = os.environ.get("PILOTFLOW_COUCHDB_USER")
+    if user:
+        return user, os.environ.get("PILOTFLOW_COUCHDB_PASSWORD", "")
+    if not path:
+        return None
+    path = os.path.expanduser(path)
+    try:
+        st = os.stat(path)
+        with open(path, "rb") as f:
+            text = f.read().decode("utf-8").strip()
+    except OSError as e:
+        raise PoolError("cannot read the CouchDB credentials file %s (%s): create it with one line "
+                        "user:password and chmod 600 it, or set PILOTFLOW_COUCHDB_USER and "
+                        "PILOTFLOW_COUCHDB_PASSWORD" % (path, e.strerror or e))
+    if st.st_mode & 0o077:
+        raise PoolError("the CouchDB credentials file %s may be read by others (mode %o): chmod 600 %s"
+                        % (path, st.st_mode & 0o777, path))
+    user, sep, password = text.partition(":")
+    if not sep or not user:
+        raise PoolError("the CouchDB credentials file %s must hold one line user:password" % path)
+    return user, password
+
+
+class CouchDB(object):
+    """A CouchDB database over HTTP (one kept-alive connection; standard library only).
+
+    Connection failures and 5xx answers are retried for ``patience`` seconds (a restarting
+    server loses nothing: every write is conditional, so a retried write that had landed
+    answers 409 and the caller re-reads). 401/403 are a PoolError saying what to fix."""
+
+    def __init__(self, url, database, credentials=None, patience=120.0):
+        import base64
+        from urllib.parse import urlsplit, quote
+        u = urlsplit(url)
+        if u.scheme not in ("http", "https") or not u.hostname:
+            raise PoolError("CouchDB URL %r: expected http(s)://HOST[:PORT]" % url)
+        self.url = "%s://%s%s" % (u.scheme, u.hostname, ":%d" % u.port if u.port else "")
+        self.https = u.scheme == "https"
+        self.host, self.port = u.hostname, u.port or (443 if self.https else 80)
+        self.prefix = (u.path.rstrip("/") + "/" + quote(database, safe="")).replace("//", "/")
+        if not self.prefix.startswith("/"):
+            self.prefix = "/" + self.prefix
+        self.database = database
+        self.headers = {"Content-Type": "application/json", "Accept": "application/json"}
+        if credentials:
+            token = base64.b64encode(("%s:%s" % credentials).encode("utf-8")).decode("ascii")
+            self.headers["Authorization"] = "Basic " + token
+        self.patience = patience
+        self.conn = None
+        self.skew = None  # server clock minus ours (from the Date header)
+        self._quote = quote
+
+    def _connect(self):
+        import http.client
+        if self.https:
+            import ssl
+            return http.client.HTTPSConnection(self.host, self.port, timeout=60, context=ssl.create_default_context())
+        return http.client.HTTPConnection(self.host, self.port, timeout=60)
+
+    def docpath(self, doc_id):
+        return "%s/%s" % (self.prefix, self._quote(doc_id, safe=":"))
+
+    def request(self, method, path="", body=None, query=None):
+        """(status, parsed JSON) for ``method`` on the database (``path`` below it)."""
+        status, raw = self.send(method, path, body, query)
+        try:
+            doc = json.loads(raw.decode("utf-8")) if raw else None
+        except ValueError:
+            doc = None
+        return status, doc
+
+    def send(self, method, path="", body=None, query=None):
+        """(status, body bytes); retried while the server cannot be reached."""
+        from urllib.parse import urlencode
+        target = path if path.startswith("/") else self.prefix + ("/" + path if path else "")
+        if query:
+            target += "?" + urlencode(dict((k, v if isinstance(v, str) else json.dumps(v)) for k, v in query.items()))
+        data = None if body is None else (body if isinstance(body, bytes) else json.dumps(body).encode("utf-8"))
+        deadline = time.time() + self.patience
+        delay = 0.2
+        while True:
+            try:
+                if self.conn is None:
+                    self.conn = self._connect()
+                self.conn.request(method, target, body=data, headers=self.headers)
+                resp = self.conn.getresponse()
+                raw = resp.read()
+                status = resp.status
+                if self.skew is None:
+                    self._clock(resp.getheader("Date"))
+            except (OSError, IOError, ValueError) as e:
+                why = e
+                status = None
+                self.close()
+            except Exception as e:  # http.client's own errors (BadStatusLine, RemoteDisconnected ...)
+                if type(e).__module__ != "http.client":
+                    raise
+                why = e
+                status = None
+                self.close()
+            if status is not None and status < 500:
+                break
+            if status is not None:
+                why = "HTTP %d: %s" % (status, raw[:200].decode("utf-8", "replace"))
+            if time.time() >= deadline:
+                raise PoolUnreachable("CouchDB at %s did not answer %s %s for %.0f s (%s): check that the server "
+                                "runs and the URL is right" % (self.url, method, target.split("?")[0],
+                                                               self.patience, why))
+            time.sleep(delay)
+            delay = min(delay * 2, 5.0)
+        if status in (401, 403):
+            raise PoolError("CouchDB at %s refused the credentials for database %s (HTTP %d): check the "
+                            "user and password (the resource's couchdb_credentials file, or "
+                            "PILOTFLOW_COUCHDB_USER / PILOTFLOW_COUCHDB_PASSWORD)" % (self.url, self.database, status))
+        return status, raw
+
+    def _clock(self, date):
+        if not date:
+            return
+        try:
+            import email.utils
+            self.skew = email.utils.mktime_tz(email.utils.parsedate_tz(date)) - time.time()
+        except (TypeError, ValueError, OverflowError):
+            pass
+
+    def now(self):
+        """The server's clock (to the second, from its Date header): heartbeats written by
+        nodes with different clocks are compared on one clock."""
+        if self.skew is None:
+            self.request("GET", "")
+        return time.time() + (self.skew if abs(self.skew or 0) >= 2.0 else 0.0)
+
+    def get(self, doc_id, query=None):
+        status, doc = self.request("GET", self.docpath(doc_id), query=query)
+        return doc if status == 200 else None
+
+    def put(self, doc):
+        """The new revision, or None on a conflict (someone else updated it first)."""
+        status, ans = self.request("PUT", self.docpath(doc["_id"]), body=doc)
+        if status in (200, 201, 202):
+            return ans["rev"]
+        if status == 409:
+            return None
+        raise PoolError("CouchDB at %s refused to store %s (HTTP %d: %s)" % (self.url, doc["_id"], status, ans))
+
+    def bulk(self, docs):
+        """Store many documents in one request; [(id, rev or None on conflict)]."""
+        status, ans = self.request("POST", "_bulk_docs", body={"docs": docs})
+        if status not in (200, 201, 202):
+            raise PoolError("CouchDB at %s refused a batch of %d documents (HTTP %d: %s)"
+                            % (self.url, len(docs), status, ans))
+        return [(a.get("id"), a.get("rev") if "error" not in a else None) for a in ans]
+
+    def view(self, design, name, query):
+        status, ans = self.request("GET", "_design/%s/_view/%s" % (design, name), query=query)
+        if status != 200:
+            raise PoolError("CouchDB at %s: view %s/%s of %s failed (HTTP %d: %s)"
+                            % (self.url, design, name, self.database, status, ans))
+        return ans
+
+    def ensure(self):
+        """Create the database if missing."""
+        status, ans = self.request("GET", "")
+        if status == 404:
+            status, ans = self.request("PUT", "")
+            if status not in (201, 202, 412):
+                raise PoolError("cannot create database %s on %s (HTTP %d: %s)" % (self.database, self.url, status, ans))
+
+    def close(self):
+        if self.conn is not None:
+            try:
+                self.conn.close()
+            except Exception:  # noqa: BLE001 - closing a broken connection
+                pass
+            self.conn = None
+
+
+class Claim(object):
+    """A claim in the database: the claimed document as written (the holder's result is the
+    next revision of it)."""
+    __slots__ = ("doc",)
+
+    def __init__(self, doc):
+        self.doc = doc
+
+
+def picas_fields(rec):
+    """PiCaS's fields for a pilotflow state record: PiCaS's views and tools count them."""
+    st = rec.get("state")
+    if st == TODO:
+        return {"lock": 0, "done": 0, "exit_code": ""}
+    start = int(rec.get("start") or 0)
+    if st == LOCKED:
+        return {"lock": max(1, start), "done": 0, "exit_code": "", "hostname": rec.get("host") or ""}
+    code = rec.get("exit_code")
+    if st == DONE:
+        return {"lock": max(1, start), "done": max(1, int(rec.get("end") or 0)), "exit_code": 0,
+                "hostname": rec.get("host") or ""}
+    return {"lock": max(1, start) if start else 99, "done": max(1, int(rec.get("end") or 0)),
+            "exit_code": code if code not in (None, 0) else -1, "hostname": rec.get("host") or ""}
+
+
+class CouchPool(Pool):
+    """A run's token pool in a CouchDB database (see above). ``root`` is a local directory
+    for what stays on the node; ``spec`` says where the database is."""
+
+    CONDITIONAL = True
+
+    def __init__(self, root, spec, meta=None, patience=120.0):
+        self.root = os.path.abspath(root)
+        self.spec = dict(spec)
+        self.db = CouchDB(spec["url"], spec["database"], couch_credentials(spec.get("credentials")), patience)
+        self.meta = meta if meta is not None else (read_json(os.path.join(self.root, "run.json")) or {})
+        self.run = self.meta.get("run") or spec.get("run")
+        if not self.meta.get("run") and self.run:  # a node with no run directory: the run's record
+            doc = self.db.get("pilotflow-run:" + self.run) or {}
+            self.meta = dict(doc.get("meta") or {}, couchdb=self.spec)
+        self._docs = {}  # token name → its document as last read (with _rev)
+        self._ids = {}  # token name → document id (tokens pushed by PiCaS keep theirs)
+        self._seq = None  # where the launcher's look at the changes feed stopped
+        self._changed = set()  # tokens the feed reported that the agent has not looked at
+        self._width = None
+        self._shards = {}
+
+    @classmethod
+    def create(cls, root, meta):
+        for d in cls.SUBDIRS:
+            mkdirs(os.path.join(root, d))
+        meta = dict({"format": cls.FORMAT}, **meta)
+        write_atomic(os.path.join(root, "run.json"), dump(meta))
+        pool = cls(root, meta["couchdb"], meta)
+        pool.setup()
+        return pool
+
+    def setup(self):
+        """The database (if missing), the views, and the run's record (for nodes that do not
+        see the run directory)."""
+        self.db.ensure()
+        self.ensure_views()
+        rec = {"_id": "pilotflow-run:" + self.run, "type": "pilotflow-run",
+               "meta": dict((k, v) for k, v in self.meta.items() if k != "couchdb")}
+        if self.db.put(rec) is None:
+            raise PoolError("database %s already holds a run named %s" % (self.db.database, self.run))
+
+    def ensure_views(self):
+        """PiCaS's Monitor views and pilotflow's own, where missing (never rewritten: a PiCaS
+        user's own views stay as they are)."""
+        code = 'function(doc) { if (doc.type == "token") { if (%s) { emit(doc._id, doc._id); } } }'
+        views = dict((k, {"map": code % c}) for k, c in MONITOR_VIEWS.items())
+        views["overview_total"] = {
+            "map": 'function(doc) { if (doc.type == "token") { %s } }' % " ".join(
+                "if (%s) { emit('%s', 1); }" % (c, k) for k, c in MONITOR_VIEWS.items()),
+            "reduce": "_sum"}
+        own = {"tokens": {"map": 'function(doc) { if (doc.type == "token" && doc.pilotflow) '
+                                 '{ emit([doc.pilotflow.run, doc._id], null); } }'},
+               "agents": {"map": 'function(doc) { if (doc.type == "pilotflow-agent") '
+                                 '{ emit([doc.run, doc._id], null); } }'}}
+        for name, want in (("Monitor", views), ("pilotflow", own)):
+            doc = self.db.get("_design/" + name)
+            if doc is None:
+                self.db.put({"_id": "_design/" + name, "language": "javascript", "views": want})
+            elif name == "Monitor" and [k for k in want if k not in doc.get("views", {})]:
+                doc["views"] = dict(want, **doc.get("views", {}))
+                self.db.put(doc)
+
+    # documents ------------------------------------------------------------------------------
+    def doc_id(self, name):
+        return self._ids.get(name) or "%s:%s" % (self.run, name)
+
+    def _remember(self, doc):
+        pf = doc.get("pilotflow") or {}
+        name = pf.get("name") or doc["_id"]
+        self._ids[name] = doc["_id"]
+        self._docs[name] = doc
+        return name
+
+    def _fetch(self, name):
+        doc = self.db.get(self.doc_id(name))
+        if doc is not None and (doc.get("pilotflow") or {}).get("run") == self.run:
+            self._remember(doc)
+            return doc
+        return None
+
+    def _scan(self, view, run, docs=True):
+        """Every row of the view for ``run`` (keyed [run, id]), a page (one request) at a time:
+        the documents, or (``docs`` false) their ids."""
+        out = []
+        page = COUCH_PAGE if docs else COUCH_PAGE * 10
+        query = {"startkey": [run, ""], "endkey": [run, {}], "limit": page}
+        if docs:
+            query["include_docs"] = "true"
+        while True:
+            rows = self.db.view("pilotflow", view, query).get("rows") or []
+            out.extend((r["doc"] for r in rows if r.get("doc")) if docs else (r["id"] for r in rows))
+            if len(rows) < page:
+                return out
+            query = dict(query, startkey=rows[-1]["key"], skip=1)
+
+    def record_of(self, name, doc):
+        """The token's state record, as the file pool's would be. PiCaS's own tools reset a
+        token by setting lock and done to 0 (scrub): that is todo, whatever pilotflow wrote."""
+        pf = doc.get("pilotflow") or {}
+        rec = pf.get("state")
+        if not rec:
+            return {"token": name, "state": TODO, "attempt": 0, "failures": 0}
+        rec = dict(rec, token=name)
+        if doc.get("lock") == 0 and doc.get("done") == 0 and rec.get("state") != TODO:
+            rec.update(state=TODO, failures=0, exit_code=None,
+                       scrubs=int(doc.get("scrub_count") or 0), reason="scrubbed in the database (PiCaS)")
+        return rec
+
+    # creation and definitions ------------------------------------------------------------------
+    def add_defs(self, tokens):
+        """Push token definitions as PiCaS tokens (one request per COUCH_PAGE). A token that
+        exists already (a batch pushed again after a lost answer) is left as it is."""
+        for i in range(0, len(tokens), COUCH_PAGE):
+            docs = []
+            for d in tokens[i:i + COUCH_PAGE]:
+                doc = {"_id": self.doc_id(d["name"]), "type": "token", "lock": 0, "done": 0, "hostname": "",
+                       "scrub_count": 0, "input": d.get("command", ""), "exit_code": "",
+                       "pilotflow": {"run": self.run, "name": d["name"], "def": d}}
+                docs.append(doc)
+            self.db.bulk(docs)
+        return 0
+
+    def adopt(self, docs_and_defs):
+        """Take tokens pushed by PiCaS's own tools into this run (their ids and fields stay):
+        [(document, definition)]; the names adopted (a token changed meanwhile is skipped)."""
+        out = []
+        for i in range(0, len(docs_and_defs), COUCH_PAGE):
+            batch = []
+            for doc, d in docs_and_defs[i:i + COUCH_PAGE]:
+                doc = dict(doc, pilotflow={"run": self.run, "name": d["name"], "def": d})
+                batch.append(doc)
+            for (doc_id, rev), doc in zip(self.db.bulk(batch), batch):
+                if rev:
+                    out.append(doc["pilotflow"]["name"])
+        return out
+
+    def defs(self, seen=None):
+        docs = self._scan("tokens", self.run)
+        out = []
+        for doc in docs:
+            name = self._remember(doc)
+            if seen is not None:
+                if name in seen:
+                    continue
+                seen.add(name)
+            out.append(doc["pilotflow"]["def"])
+        return out
+
+    def defs_count(self):
+        return len(self._scan("tokens", self.run, docs=False))
+
+    def _feed(self):
+        """Tokens of this run changed since the launcher last looked (the changes feed)."""
+        if self._seq is None:
+            return
+        while True:
+            status, ans = self.db.request("GET", "_changes", query={"since": self._seq, "include_docs": "true",
+                                                                    "limit": COUCH_PAGE})
+            if status != 200:
+                raise PoolError("CouchDB at %s: the changes feed of %s failed (HTTP %d)" % (self.db.url,
+                                                                                        self.db.database, status))
+            results = ans.get("results") or []
+            for r in results:
+                doc = r.get("doc") or {}
+                if doc.get("type") == "token" and (doc.get("pilotflow") or {}).get("run") == self.run:
+                    self._changed.add(self._remember(doc))
+            self._seq = ans.get("last_seq", self._seq)
+            if len(results) < COUCH_PAGE:
+                return
+
+    def _start_feed(self):
+        if self._seq is None:
+            status, ans = self.db.request("GET", "")
+            self._seq = (ans or {}).get("update_seq", 0)
+
+    def defs_changed(self, seen):
+        self._feed()
+        return any(n not in seen for n in self._changed)
+
+    def returned(self, seen):
+        self._feed()
+        out, self._changed = list(self._changed), set()
+        return out
+
+    # states --------------------------------------------------------------------------------------
+    def latest(self, name, hint=None):
+        return int(self.state(name).get("attempt") or 0)
+
+    def state(self, name, hint=None):
+        doc = self._fetch(name)
+        if doc is None:
+            return {"token": name, "state": TODO, "attempt": 0, "failures": 0}
+        return self.record_of(name, doc)
+
+    def states(self, since=None):
+        self._start_feed()
+        out = {}
+        for doc in self._scan("tokens", self.run):
+            name = self._remember(doc)
+            out[name] = self.record_of(name, doc)
+        return out
+
+    def changes(self, since):
+        """(cursor, states changed since it): the database's changes feed, from its sequence."""
+        if since is None:
+            status, info = self.db.request("GET", "")
+            seq = (info or {}).get("update_seq", 0)
+            return seq, self.states()
+        out = {}
+        seq = since
+        while True:
+            status, ans = self.db.request("GET", "_changes", query={"since": seq, "include_docs": "true",
+                                                                    "limit": COUCH_PAGE})
+            if status != 200:
+                raise PoolError("CouchDB at %s: the changes feed of %s failed (HTTP %d)" % (self.db.url,
+                                                                                        self.db.database, status))
+            results = ans.get("results") or []
+            for r in results:
+                doc = r.get("doc") or {}
+                if doc.get("type") == "token" and (doc.get("pilotflow") or {}).get("run") == self.run:
+                    name = self._remember(doc)
+                    out[name] = self.record_of(name, doc)
+            seq = ans.get("last_seq", seq)
+            if len(results) < COUCH_PAGE:
+                return seq, out
+
+    def _write(self, name, doc, rec, attachments=None):
+        """The token's next revision holding ``rec``: its new document, or None (conflict)."""
+        new = dict(doc)
+        new.update(picas_fields(rec))
+        new["pilotflow"] = dict(doc.get("pilotflow") or {}, state=rec)
+        if attachments is not None:
+            new["_attachments"] = attachments
+        rev = self.db.put(new)
+        if rev is None:
+            # a conflict; or our own write landed and its answer was lost with the connection
+            # (the retry then conflicts with it): ours if the database holds what we wrote
+            cur = self._fetch(name)
+            if cur is None or (cur.get("pilotflow") or {}).get("state") != rec:
+                return None
+            return cur
+        new["_rev"] = rev
+        if attachments is not None:  # what a read would give back
+            new["_attachments"] = dict((k, {"stub": True}) for k in attachments)
+        self._docs[name] = new
+        return new
+
+    # transitions -------------------------------------------------------------------------------------
+    def claim(self, name, attempt, record, keep=False):
+        rec = json.loads(record.decode("utf-8")) if isinstance(record, bytes) else record
+        for fresh in (False, True):
+            doc = self._docs.get(name) if not fresh else self._fetch(name)
+            if doc is None:
+                doc = self._fetch(name)
+                if doc is None:
+                    return False
+            cur = self.record_of(name, doc)
+            if int(cur.get("attempt") or 0) != attempt - 1 or cur.get("state") != TODO:
+                if fresh:
+                    return False
+                continue
+            new = self._write(name, doc, dict(rec, attempt=attempt))
+            if new is not None:
+                return Claim(new) if keep else True
+        return False
+
+    def append(self, handle, name, doc):
+        """The holder's result: the next revision of the document it claimed, with the
+        attempt's output attached. A conflict means the attempt was handed back meanwhile:
+        the result is void (False)."""
+        return self._write(name, handle.doc, doc, self._attachments(doc)) is not None
+
+    def close_claim(self, handle):
+        pass
+
+    def put(self, name, doc):
+        for _ in range(10):
+            cur = self._fetch(name)
+            if cur is None:
+                raise PoolError("token %s is not in database %s" % (name, self.db.database))
+            if self._write(name, cur, doc) is not None:
+                return
+        raise PoolError("token %s of database %s kept changing while written" % (name, self.db.database))
+
+    def release(self, name, doc, reason, give_up_after=None):
+        """Hand a lost attempt back exactly once: written only over the revision that still
+        holds that attempt locked."""
+        attempt = int(doc.get("attempt", 0))
+        cur = self._fetch(name)
+        if cur is None:
+            return None
+        now = self.record_of(name, cur)
+        if now.get("state") != LOCKED or int(now.get("attempt") or 0) != attempt:
+            return None
+        lost = int(now.get("lost", 0)) + 1
+        new = dict(now, state=TODO, lost=lost, end=now.get("end") or time.time(), reason=reason, exit_code=None)
+        if give_up_after is not None and lost > give_up_after:
+            new.update(state=ERROR, reason="%s; lost %d times, giving up" % (reason, lost))
+        if self._write(name, cur, new) is None:
+            return None
+        return new
+
+    def released(self, name, attempt):
+        cur = self._fetch(name)
+        if cur is None:
+            return True
+        now = self.record_of(name, cur)
+        return int(now.get("attempt") or 0) != attempt or now.get("state") == TODO
+
+    def note_return(self, name, attempt):
+        pass  # the changes feed tells idle launchers
+
+    def move_out(self, names, to):
+        raise PoolError("tokens of a CouchDB pool are not moved to other resources")
+
+    def _attachments(self, doc):
+        """The attempt's stdout and stderr, each capped at LOG_CAP bytes (the tail kept)."""
+        out = {}
+        log = doc.get("log")
+        import base64
+        for i, stream in enumerate(("out", "err")):
+            try:
+                if log and len(log) >= 5:
+                    with open(self.path("logs", "%s.%s" % (log[0], stream)), "rb") as f:
+                        start, end = int(log[1 + i]), int(log[3 + i])
+                        f.seek(max(start, end - LOG_CAP))
+                        data = f.read(min(end - start, LOG_CAP))
+                        cut = end - start - len(data)
+                elif not log:
+                    path = self.path("logs", "%s.%d.%s" % (doc["token"], int(doc.get("attempt") or 0), stream))
+                    size = os.path.getsize(path)
+                    with open(path, "rb") as f:
+                        f.seek(max(0, size - LOG_CAP))
+                        data = f.read()
+                        cut = size - len(data)
+                else:
+                    continue
+            except (OSError, ValueError):
+                continue
+            if cut > 0:
+                data = ("[pilotflow: %d earlier bytes cut]\n" % cut).encode("utf-8") + data
+            out["std%s.txt" % stream] = {"content_type": "text/plain",
+                                         "data": base64.b64encode(data).decode("ascii")}
+        return out
+
+    def output(self, name):
+        """The latest ended attempt's stdout and stderr, from the token's attachments."""
+        out = {}
+        for stream in ("out", "err"):
+            status, data = self.db.send("GET", self.db.docpath(self.doc_id(name)) + "/std%s.txt" % stream)
+            out[stream] = data.decode("utf-8", "replace") if status == 200 else ""
+        return out
+
+    # launchers' records ---------------------------------------------------------------------------------
+    def _agent_id(self, key):
+        return "pilotflow-agent:%s:%s" % (self.run, key)
+
+    def write_agent(self, key, rec):
+        cur = self.db.get(self._agent_id(key)) or {"_id": self._agent_id(key)}
+        doc = dict(cur, type="pilotflow-agent", run=self.run, key=key, record=rec, beat=self.now())
+        doc.pop("end", None)
+        if self.db.put(doc) is None:
+            self.write_agent(key, rec)
+
+    def beat_agent(self, key):
+        for _ in range(5):
+            cur = self.db.get(self._agent_id(key))
+            if cur is None:
+                return False
+            cur["beat"] = self.now()
+            if self.db.put(cur) is not None:
+                return True
+        return True
+
+    def agent_end(self, key):
+        return (self.db.get(self._agent_id(key)) or {}).get("end")
+
+    def end_agent(self, key, end):
+        for _ in range(5):
+            cur = self.db.get(self._agent_id(key)) or {"_id": self._agent_id(key), "type": "pilotflow-agent",
+                                                       "run": self.run, "key": key, "record": {}, "beat": self.now()}
+            cur["end"] = end
+            if self.db.put(cur) is not None:
+                return
+
+    def agents(self):
+        out = {}
+        for doc in self._scan("agents", self.run):
+            rec = dict(doc.get("record") or {}, beat=float(doc.get("beat") or 0))
+            if doc.get("end") is not None:
+                rec["end"] = doc["end"]
+            out[doc["key"]] = rec
+        return out
+
+    def now(self):
+        return self.db.now()
+
+
+def open_pool(root, spec=None, patience=120.0):
+    """The pool at ``root``: a CouchDB pool when its run.json (or ``spec``) names a database.
+    ``patience``: how long a database that does not answer is retried (a launcher rides out a
+    server restart; a client command says so sooner)."""
+    meta = read_json(os.path.join(os.path.abspath(root), "run.json"))
+    spec = spec or (meta or {}).get("couchdb")
+    if spec:
+        if meta is None:  # a node with no run directory: a local one, the run's record from the database
+            for d in Pool.SUBDIRS:
+                mkdirs(os.path.join(root, d))
+        pool = CouchPool(root, spec, meta, patience)
+        if meta is None:
+            if not pool.meta.get("run"):
+                raise PoolError("database %s on %s holds no run %s" % (spec["database"], spec["url"], spec.get("run")))
+            write_atomic(os.path.join(pool.root, "run.json"), dump(pool.meta))  # the reaper reopens it
+        return pool
+    return Pool(root)
 
 
 HISTORY = 5  # earlier attempts a token's record keeps (its file holds only the newest attempt)
@@ -631,7 +1346,7 @@ def start_reaper(pool_root, pilot, agent):
                     live.pop(int(parts[1]), None)
         if live:
             kill_groups(list(live), grace=0.0)
-            pool = Pool(pool_root)
+            pool = open_pool(pool_root)
             for pgid, (name, attempt) in live.items():
                 doc = pool.state(name, hint=attempt)
                 if doc.get("state") == LOCKED and doc.get("attempt") == attempt:
@@ -1178,7 +1893,7 @@ class Agent(object):
         fd, t.claim_fd = t.claim_fd, None
         if fd is not None:
             try:
-                os.close(fd)
+                self.pool.close_claim(fd)
             except OSError:
                 pass
             return True
@@ -1190,14 +1905,14 @@ class Agent(object):
         fd, t.claim_fd = t.claim_fd, None
         if fd is None:
             self.pool.put(t.name, doc)
-            return
+            return None
         try:
-            self.pool.append(fd, t.name, doc)
+            return self.pool.append(fd, t.name, doc)
         finally:
-            os.close(fd)
+            self.pool.close_claim(fd)
 
     def finish(self, t, start, code, reason):
-        if self.pool.released(t.name, t.attempt):
+        if not (self.pool.CONDITIONAL and t.claim_fd is not None) and self.pool.released(t.name, t.attempt):
             # handed back while it ran (we looked dead to others): the result is void
             self.drop_claim(t)
             self.set_status(t, "other")
@@ -1215,7 +1930,9 @@ class Agent(object):
                 self.set_status(t, ERROR)
             doc = self.doc(t, t.status, start=start, end=time.time(), exit_code=code, reason=why)
         try:
-            self.write_result(t, doc)
+            if self.write_result(t, doc) is False:  # a conditional write lost: handed back meanwhile
+                self.set_status(t, "other")
+                return
             if t.status == TODO:
                 self.pool.note_return(t.name, t.attempt)
         except OSError as e:
@@ -1259,9 +1976,9 @@ class Agent(object):
         """Cheap checks for work others made claimable: new definitions, returned tokens and
         dependencies that finished elsewhere. Returns how many tokens became claimable."""
         before = len(self.ready_own) + len(self.ready_other)
-        if len(os.listdir(self.pool.path("defs"))) != len(self.defs_seen):
+        if self.pool.defs_changed(self.defs_seen):
             self.load()
-        for name in self.returned():
+        for name in self.pool.returned(self.returns_seen):
             t = self.tokens.get(name)
             if t is not None and t.status != LOCKED:
                 self.recheck(t)
@@ -1270,26 +1987,6 @@ class Agent(object):
             if d is not None and d.status not in FINAL and d.status != LOCKED:
                 self.recheck(d)
         return len(self.ready_own) + len(self.ready_other) - before
-
-    def returned(self):
-        """Tokens others handed back or retried since we last looked (new lines in the
-        processes' notes files)."""
-        out = []
-        d = self.pool.path("returns")
-        for fn in os.listdir(d):
-            seen = self.returns_seen.get(fn, 0)
-            try:
-                if os.stat(os.path.join(d, fn)).st_size <= seen:
-                    continue
-                with open(os.path.join(d, fn), "rb") as f:
-                    f.seek(seen)
-                    data = f.read()
-            except OSError:
-                continue
-            data = data[:data.rfind(b"\n") + 1]  # whole lines only
-            self.returns_seen[fn] = seen + len(data)
-            out.extend(line.split(b" ")[0].decode("utf-8", "replace") for line in data.splitlines() if line)
-        return out
 
     def recheck(self, t):
         was = t.status
@@ -1344,7 +2041,7 @@ class Agent(object):
     def quiet_agents(self):
         """Other launchers, not ended, whose heartbeat is late but not yet stale."""
         agents = self.pool.agents()
-        now = fs_now(self.pool.path("agents"))
+        now = self.pool.now()
         late = 2 * max(0.5, min(30.0, self.lock_timeout / 5.0))
         return [k for k, a in agents.items()
                 if k != self.key and "end" not in a and late < now - a["beat"] <= self.lock_timeout]
@@ -1548,18 +2245,15 @@ class Agent(object):
             pass
 
     def record(self):
-        write_atomic(self.pool.path("agents", self.key + ".json"),
-                     dump({"pilot": self.pilot, "agent": self.agent, "host": self.host, "node": self.host,
+        self.pool.write_agent(self.key, {"pilot": self.pilot, "agent": self.agent, "host": self.host, "node": self.host,
                            "pid": os.getpid(),
                            "start": self.started, "cores": self.cores, "version": VERSION,
                            "reaper": getattr(self, "reaper_pid", None),
-                           "deadline": self.deadline}))
+                           "deadline": self.deadline})
 
     def beat(self):
         """Heartbeat; and stop any task whose attempt was handed back to others meanwhile."""
-        try:
-            os.utime(self.pool.path("agents", self.key + ".json"), None)
-        except OSError:
+        if not self.pool.beat_agent(self.key):
             try:
                 self.record()
             except OSError:
@@ -1583,10 +2277,10 @@ class Agent(object):
             note = "renewal failed: %s: %s" % (type(e).__name__, e)
         if note:
             sys.stderr.write("pilotflow-launcher %s: %s\n" % (self.key, note))
-            end = read_json(self.pool.path("agents", self.key + ".end")) or {}
+            end = self.pool.agent_end(self.key) or {}
             end["renewal"] = note
             try:
-                write_atomic(self.pool.path("agents", self.key + ".end"), dump(end))
+                self.pool.end_agent(self.key, end)
             except OSError:
                 pass
 
@@ -1633,10 +2327,7 @@ class Agent(object):
         return None
 
     def touch(self):
-        try:
-            os.utime(self.pool.path("agents", self.key + ".json"), None)
-        except OSError:
-            pass
+        self.pool.beat_agent(self.key)
 
     def tell_reaper(self, line):
         if self.reaper is not None:
@@ -1678,8 +2369,8 @@ class Agent(object):
         try:
             end = time.time()
             idle = self.idle_s + (end - self.idle_since if self.idle_since is not None else 0.0)
-            write_atomic(self.pool.path("agents", self.key + ".end"),
-                         dump({"end": end, "reason": self.exit_reason, "ran": self.ran, "idle": round(idle, 1)}))
+            self.pool.end_agent(self.key, {"end": end, "reason": self.exit_reason, "ran": self.ran,
+                                           "idle": round(idle, 1)})
         except OSError:
             pass  # no end record: others see the heartbeat stop instead
         if self.reaper is not None:
@@ -1755,7 +2446,7 @@ def round_open(pool, doc, agents=None, now=None):
         return False
     agents = pool.agents() if agents is None else agents
     a = agents.get(doc.get("by") or "")
-    return a is None or fs_now(pool.path("agents")) - a["beat"] <= pool.lock_timeout()
+    return a is None or pool.now() - a["beat"] <= pool.lock_timeout()
 
 
 def wait_earlier_rounds(pool, k, until, beat=None):
@@ -1784,7 +2475,7 @@ def live_pilots(pool, me=None, now=None):
     planned, no launcher yet, not seen finished by the client, and — for a follow-up — its
     round submitted it or is still submitting), other than the launcher ``me``."""
     agents = pool.agents()
-    now = fs_now(pool.path("agents")) if now is None else now
+    now = pool.now() if now is None else now
     timeout = pool.lock_timeout()
     live = set()
     started = set()
@@ -1793,7 +2484,7 @@ def live_pilots(pool, me=None, now=None):
         started.add(pilot)
         if key != me and "end" not in a and now - a["beat"] <= timeout:
             live.add(pilot)
-    gone = set(fn[:-5] for fn in os.listdir(pool.path("agents")) if fn.endswith(".gone"))
+    gone = pool.gone()
     recs = rounds(pool)
     for pilot, plan in pool.plans().items():
         if pilot in started or pilot in gone or plan.get("void"):
@@ -2084,10 +2775,9 @@ def changes(pool, since):
     """Everything a client's sync needs, in one round trip: the filesystem clock, the state
     files changed since ``since`` (fs clock), the launcher records, the defs count and the
     follow-up rounds (with the pilots the launchers submitted)."""
-    now = fs_now(pool.path("agents"))
-    states = pool.states(since=None if since is None else since - 2.0)
+    now, states = pool.changes(since)
     agents = pool.agents()
-    return {"now": now, "states": states, "agents": agents, "defs": len(os.listdir(pool.path("defs"))),
+    return {"now": now, "states": states, "agents": agents, "defs": pool.defs_count(),
             "followups": dict((str(k), d) for k, d in rounds(pool).items()), "spent": rounds_spent(pool)}
 
 
@@ -2121,17 +2811,26 @@ def main(argv=None):
     r.add_argument("--poll", type=float, default=0.5)
     r.add_argument("--steal-delay", type=float, default=1.0)
     r.add_argument("--warn-grace", type=float, default=10.0)
+    r.add_argument("--couchdb", default=None, help="a CouchDB pool's server URL, for a node that does not see the "
+                   "run directory: POOL is then a local directory (with --database and --run)")
+    r.add_argument("--database", default=None)
+    r.add_argument("--run", default=None)
+    r.add_argument("--credentials", default=None, help="file holding user:password (mode 600); or set "
+                   "PILOTFLOW_COUCHDB_USER and PILOTFLOW_COUCHDB_PASSWORD")
     sub.add_parser("info", help="python version and host, as JSON")
     h = sub.add_parser("helper", help="a client helper call (arguments as JSON on stdin), answered as JSON")
     h.add_argument("pool")
     h.add_argument("command")
     a = p.parse_args(argv)
     if a.cmd == "run":
-        pool = Pool(a.pool)
-        if not pool.meta:
-            sys.stderr.write("pilotflow-launcher: %s is not a token pool (no run.json)\n" % a.pool)
-            return 2
         try:
+            spec = None
+            if a.couchdb:
+                spec = {"url": a.couchdb, "database": a.database, "credentials": a.credentials, "run": a.run}
+            pool = open_pool(a.pool, spec)
+            if not pool.meta:
+                sys.stderr.write("pilotflow-launcher: %s is not a token pool (no run.json)\n" % a.pool)
+                return 2
             pool.check_format()
         except PoolError as e:
             sys.stderr.write("pilotflow-launcher: %s\n" % e)
@@ -2153,7 +2852,7 @@ def main(argv=None):
             answer(helper(a.pool, a.command, json.loads(text) if text.strip() else {}))
         except PoolError as e:
             sys.stderr.write("pilotflow-launcher: %s\n" % e)
-            return 2
+            return 3 if isinstance(e, PoolUnreachable) else 2
         return 0
     p.print_help()
     return 2
@@ -2164,7 +2863,7 @@ def helper(root, command, args):
     ``launcher.py helper POOL COMMAND`` (arguments as JSON on stdin) over SSH."""
     if command == "info":
         return info()
-    pool = Pool(root)
+    pool = open_pool(root, patience=CLIENT_PATIENCE)
     pool.check_format()
     if command == "changes":
         return changes(pool, args.get("since"))
@@ -2180,6 +2879,13 @@ def helper(root, command, args):
         return _round_helper(pool, args)
     if command == "mark":
         return _mark(pool, args)
+    if command == "output":
+        return pool.output(args["token"]) if isinstance(pool, CouchPool) else {}
+    if command == "push":
+        if args.get("create") and isinstance(pool, CouchPool):
+            pool.setup()
+        pool.add_defs(args.get("defs") or [])
+        return {}
     raise ValueError("unknown helper command %r" % command)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 from typing import Any, Callable
+from urllib.parse import urlsplit
 
 from pilotflow.bundle.units import parse_duration, parse_size_mb
 
@@ -21,6 +22,7 @@ ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 # Values that end up inside a scheduler directive (#SBATCH --partition=VALUE): no spaces,
 # quotes, newlines or shell metacharacters, whatever the scheduler.
 HOST_RE = re.compile(r"(?:[A-Za-z0-9_.+-]+@)?[A-Za-z0-9_.:%\[\]-]+")
+COUCHDB_NAME_RE = re.compile(r"[a-z][a-z0-9_$()+/-]*")
 
 
 def show(value: Any) -> str:
@@ -118,6 +120,29 @@ def choice(*options: str) -> Validator:
             raise ValueError("expected one of " + ", ".join(f'"{o}"' for o in options))
         return v
     return check
+
+
+def couchdb_url(v: Any) -> str:
+    """Where a CouchDB pool's server is. Credentials never go in the bundle (it is shared,
+    committed, and shown in logs): they come from a file or the environment."""
+    v = one_line(v)
+    u = urlsplit(v)
+    if u.scheme not in ("http", "https") or not u.hostname:
+        raise ValueError('expected http(s)://HOST[:PORT], for example "https://picas.surfsara.nl:6984"')
+    if u.username or u.password:
+        raise ValueError("credentials never go in the bundle: put user:password in a file only you may read "
+                         "(chmod 600) and name it in couchdb_credentials, or set PILOTFLOW_COUCHDB_USER "
+                         "and PILOTFLOW_COUCHDB_PASSWORD")
+    if u.query or u.fragment:
+        raise ValueError("expected no query or fragment")
+    return v
+
+
+def couchdb_name(v: Any) -> str:
+    v = text(v)
+    if not COUCHDB_NAME_RE.fullmatch(v):
+        raise ValueError("expected a CouchDB database name: lowercase letters first, then a-z 0-9 _ $ ( ) + - /")
+    return v
 
 
 def directive_word(v: Any) -> str:

@@ -116,6 +116,7 @@ def load_resources(data: dict, pb: Problems) -> list[Resource]:
             vals["memory_per_node_mb"] = vals.pop("memory_per_node")
         if "max_queue_wait" in vals:
             vals["max_queue_wait_s"] = vals.pop("max_queue_wait")
+        _check_pool(table, vals, origin, pb)
         name = vals.get("name", f"resource{i + 1}")
         if name in seen:
             pb.add(origin + ("name",), f"duplicate resource name '{name}' (also resource #{seen[name] + 1})")
@@ -123,6 +124,21 @@ def load_resources(data: dict, pb: Problems) -> list[Resource]:
         vals["name"] = name
         out.append(Resource(origin=origin, **vals))
     return out or [local_resource()]
+
+
+def _check_pool(table: dict, vals: dict, origin: tuple, pb: Problems) -> None:
+    """A CouchDB pool needs its server and database; the other keys belong to it only."""
+    couch_keys = [k for k in ("couchdb_url", "couchdb_database", "couchdb_credentials") if k in table]
+    if vals.get("pool") == "couchdb":
+        for k, example in (("couchdb_url", '"https://picas.surfsara.nl:6984"'), ("couchdb_database", '"alice"')):
+            if k not in table:
+                pb.add(origin, f'[[resource]] with pool = "couchdb" needs {k}, for example {k} = {example}')
+        if "max_queue_wait" in table:
+            pb.add(origin + ("max_queue_wait",), 'max_queue_wait: tokens of a pool = "couchdb" resource are '
+                                                 "not moved to other resources; remove it")
+    elif couch_keys:
+        pb.add(origin + (couch_keys[0],), f'{couch_keys[0]} applies to pool = "couchdb" only: add that line '
+                                          "or remove this one")
 
 
 def _expand_tasks(data: dict, defaults: dict, base: Path, pb: Problems) -> list[Task]:

@@ -71,6 +71,10 @@ class Resource:
     mpi_plugin: str | None = None  # Slurm: srun --mpi=...; None: the site's MpiDefault
     logs: str = "packed"  # task output: per-launcher lane files (offsets in states) | "per-token" files
     mpi_launcher: str = "srun"  # Slurm: srun (with mpi_plugin, if any), or Open MPI's mpirun (daemons through srun)
+    pool: str = "files"  # where token states live: files in the run directory | a CouchDB database (PiCaS)
+    couchdb_url: str | None = None
+    couchdb_database: str | None = None
+    couchdb_credentials: str | None = None  # a file holding user:password (mode 600), read where the pool is used
     origin: tuple = ()
 
     @property

@@ -46,6 +46,8 @@ RESOURCE_KEYS = {
     "max_queue_wait": F.positive_duration, "mpi_launcher": F.choice("srun", "mpirun"),
     "max_follow_ups": F.integer(0, 100), "gpus_per_node": F.integer(0, 64),
     "gpu_resource": F.directive_word, "mpi_plugin": F.directive_word, "logs": F.choice("packed", "per-token"),
+    "pool": F.choice("files", "couchdb"), "couchdb_url": F.couchdb_url, "couchdb_database": F.couchdb_name,
+    "couchdb_credentials": F.one_line,
 }
 # Scheduler words that mean the same thing (SPEC: "partition/queue, account/project").
 ALIASES = {"queue": "partition", "project": "account"}

@@ -21,7 +21,7 @@ from pilotflow.render import pool_path, renewal_gpus
 from pilotflow.run.failover import fail_over_refused
 from pilotflow.run.pilots import cancel_pilots
 from pilotflow.run.records import ResourceState, RunRecord, new_run_id, runs_dir
-from pilotflow.run.submit import (create_pool, resolve_root, stage, staged_inputs, submit_pilots, token_def,
+from pilotflow.run.submit import (couchdb_spec, create_pool, resolve_root, stage, staged_inputs, submit_pilots, token_def,
                                   write_renewal)
 from pilotflow.run.sync import Session
 from pilotflow.transport import Transport, connect
@@ -81,8 +81,11 @@ def _create(record: RunRecord, bundle: Bundle, plan: Plan, rp, inputs, transport
     record.resources[res.name] = ResourceState.of(res, pool)
     record.save()
     defs = [token_def(bundle.tasks[i], plan.rank[i], res) for i in sorted(rp.tasks, key=plan.rank.get)]
-    create_pool(t, pool, {"run": record.run, "lock_timeout": bundle.lock_timeout_s, "resource": res.name,
-                          "created": record.created, "logs": res.logs}, defs)
+    meta = {"run": record.run, "lock_timeout": bundle.lock_timeout_s, "resource": res.name,
+            "created": record.created, "logs": res.logs}
+    if res.pool == "couchdb":
+        meta["couchdb"] = couchdb_spec(res)
+    create_pool(t, pool, meta, defs, python=res.python)
     write_renewal(t, res, record.run, pool, renewal_gpus(res, [bundle.tasks[i] for i in rp.tasks]))
     n = stage(t, bundle.base_dir, [p for i in rp.tasks for p in inputs.get(i, [])], pool)
     if n:

@@ -8,6 +8,7 @@ a resource ended with work left, and for failover.
 from __future__ import annotations
 
 import glob
+import os
 import time
 from dataclasses import replace
 from pathlib import Path, PurePosixPath
@@ -15,7 +16,7 @@ from typing import Callable
 
 from pilotflow.bundle import Bundle, Resource, Task, task_nodes
 from pilotflow.errors import BundleError, ExternalError, UsageError
-from pilotflow.launcher import Pool, dump, shard_width
+from pilotflow.launcher import Pool, dump, shard_width, write_atomic
 from pilotflow.planning.plan import Plan, make_plan
 from pilotflow.planning.sizing import PILOT_OVERHEAD_S
 from pilotflow.render import default_root, pool_path, render_pilot, render_renewal
@@ -55,16 +56,40 @@ def resolve_root(res: Resource, t: Transport, base_dir: Path) -> str:
     return root
 
 
-def create_pool(t: Transport, pool: str, meta: dict, defs: list[dict], expected: int | None = None) -> None:
+def create_pool(t: Transport, pool: str, meta: dict, defs: list[dict], expected: int | None = None,
+                python: str = "python3") -> None:
     """The pool directory, its metadata and the first batch of definitions. ``expected``: how
     many tokens it will hold (default: the definitions'), which sizes its state directories."""
     meta = dict(meta, format=Pool.FORMAT, shard_width=shard_width(len(defs) if expected is None else expected))
     if not t.remote:  # this machine: the launcher's own pool code, in-process
+        if meta.get("couchdb"):
+            _local_dirs(pool, meta)
+            t.helper("push", create=True, defs=defs, pool=pool)
+            return
         Pool.create(pool, meta).add_defs(defs)
         return
     t.mkdirs([f"{pool}/{d}" for d in Pool.SUBDIRS])
     t.write_file(f"{pool}/run.json", dump(meta))
+    if meta.get("couchdb"):  # the login node reaches the database: the tokens go from there
+        t.helper("push", create=True, defs=defs, pool=pool, python=python)
+        return
     t.write_file(f"{pool}/defs/000000.json", dump(defs))
+
+
+def _local_dirs(pool: str, meta: dict) -> None:
+    """A pool directory on this machine with its run.json (a CouchDB pool's tokens then go to
+    the database through the same helper call as over SSH: one path, one error mapping)."""
+    for d in Pool.SUBDIRS:
+        os.makedirs(f"{pool}/{d}", exist_ok=True)
+    write_atomic(f"{pool}/run.json", dump(meta))
+
+
+def couchdb_spec(res: Resource) -> dict | None:
+    """Where a resource's CouchDB pool is, for the pool's run.json (no secrets: the
+    credentials file is named, and read where the pool is used)."""
+    if res.pool != "couchdb":
+        return None
+    return {"url": res.couchdb_url, "database": res.couchdb_database, "credentials": res.couchdb_credentials}
 
 
 def write_renewal(t: Transport, res: Resource, run: str, pool: str, gpus: int = 0) -> bool:

@@ -160,6 +160,17 @@ def fetch_logs(s: Session, token: str, attempt: int, resource: str, doc: dict | 
     t = s.transport(resource)
     log = (doc or {}).get("log") if int((doc or {}).get("attempt") or 0) == attempt else None
     out = {}
+    res = record.resource(resource)
+    if res.pool == "couchdb" and (doc or {}).get("state") != "locked":
+        # an ended attempt's output is in its token's attachments (pilots may share no
+        # filesystem with the submit host); a running one's only in its launcher's lane files
+        got = t.helper("output", token=token, python=res.python, pool=record.pool(resource))
+        for ext in ("out", "err"):
+            out[ext] = got.get(ext, "")
+            local = record.directory / "logs" / f"{token}.{attempt}.{ext}"
+            local.parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(str(local), out[ext].encode())
+        return out
     for ext in ("out", "err"):
         local = record.directory / "logs" / f"{token}.{attempt}.{ext}"
         local.parent.mkdir(parents=True, exist_ok=True)

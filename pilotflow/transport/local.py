@@ -8,7 +8,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from pilotflow.errors import UsageError
+from pilotflow.errors import ExternalError, UsageError
 from pilotflow.transport.base import Result, Transport, unchanged
 
 
@@ -67,6 +67,8 @@ class LocalTransport(Transport):
         from pilotflow import launcher
         try:
             return launcher.helper(pool, command, args)
+        except launcher.PoolUnreachable as e:
+            raise ExternalError(str(e), transient=True) from None
         except launcher.PoolError as e:
             raise UsageError(str(e)) from None
 

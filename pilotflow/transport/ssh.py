@@ -322,6 +322,8 @@ class SshTransport(Transport):
                 r = self.run(argv, input=data)
         if r.returncode == 2 and "pilotflow-launcher:" in r.stderr:  # the pool is not one it can read
             raise UsageError(r.stderr.strip().split("pilotflow-launcher: ", 1)[1])
+        if r.returncode == 3 and "pilotflow-launcher:" in r.stderr:  # its database did not answer
+            raise ExternalError(r.stderr.strip().split("pilotflow-launcher: ", 1)[1], transient=True)
         if r.returncode != 0:
             raise ExternalError(f"the pilotflow helper failed on {self.label}", argv=argv, returncode=r.returncode,
                                 stdout=r.stdout, stderr=r.stderr)

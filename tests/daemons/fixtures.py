@@ -19,13 +19,14 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
+from tests.daemons.couchdb import PouchServer, install as install_pouchdb
 from tests.daemons.sge import SgeCluster
 from tests.daemons.slurm import SlurmCluster
 from tests.daemons.sshd import SshServer
 
 INSTALL_SH = Path(__file__).with_name("install.sh")
 
-__all__ = ["slurm_cluster", "sge_cluster", "ssh_server", "ensure_installed"]
+__all__ = ["slurm_cluster", "sge_cluster", "ssh_server", "couchdb_server", "ensure_installed"]
 
 
 def ensure_installed(binaries: list[str], packages: list[str]) -> str | None:
@@ -99,3 +100,13 @@ def ssh_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SshServer]:
     if os.geteuid() != 0:
         _skip_if("creating the test user and running sshd on a port needs root")
     yield from _shared("ssh", lambda: SshServer.start(tmp_path_factory.mktemp("sshd")))
+
+
+@pytest.fixture(scope="session")
+def couchdb_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PouchServer]:
+    """A CouchDB-API server (pouchdb-server, persistent mode) on 127.0.0.1, admin party."""
+    if not shutil.which("npm"):
+        _skip_if(ensure_installed(["node", "npm"], ["nodejs", "npm"]))
+    prog = install_pouchdb()
+    _skip_if(prog if isinstance(prog, str) else None)
+    yield from _shared("couchdb", lambda: PouchServer.start(prog, tmp_path_factory.mktemp("couchdb")))

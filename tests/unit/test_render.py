@@ -91,7 +91,8 @@ def test_the_script_writes_the_launcher_into_the_pool(tmp_path):
     pool = tmp_path / "pool with space"
     script = render_pilot(pilot(), resource("slurm"), RUN, str(pool))
     head = script.split("# setup (from the bundle")[0]
-    r = subprocess.run(["sh", "-c", head + 'cat "$LAUNCHER"'], capture_output=True, text=True)
+    (tmp_path / "head.sh").write_text(head + 'cat "$LAUNCHER"')  # larger than one argument may be
+    r = subprocess.run(["sh", str(tmp_path / "head.sh")], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert r.stdout == launcher_source()
     assert (pool / f".launcher-{launcher_hash()}.py").read_text() == launcher_source()
