@@ -58,6 +58,7 @@ import errno
 import json
 import math
 import os
+import random
 import select
 import signal
 import socket
@@ -173,6 +174,7 @@ class Pool(object):
 
     SUBDIRS = ("defs", "plans", "state", "returns", "agents", "logs", "work", "followups", "pilots")
     CONDITIONAL = False  # whether the holder's result write fails by itself once its attempt was handed back
+    STEAL_SPREAD = 1  # thieves pick at random among this many tokens at the back (1: the very last)
     FORMAT = 3  # 2: one state file per token (the claim is its creation), packed logs; 3: results appended to the claim
 
     def __init__(self, root):
@@ -564,6 +566,10 @@ class Pool(object):
     def close_claim(self, fd):
         os.close(fd)
 
+    def current(self, tokens):
+        """[(token, its current state)] for launcher tokens (a look at each one's file)."""
+        return [(t, self.state(t.name, hint=t.attempt)) for t in tokens]
+
     def write_agent(self, key, rec):
         write_atomic(self.path("agents", key + ".json"), dump(rec))
 
@@ -670,6 +676,7 @@ class CouchDB(object):
             self.headers["Authorization"] = "Basic " + token
         self.patience = patience
         self.conn = None
+        self.retried = False  # whether the last request had to be sent again
         self.skew = None  # server clock minus ours (from the Date header)
         self._quote = quote
 
@@ -701,6 +708,7 @@ class CouchDB(object):
         data = None if body is None else (body if isinstance(body, bytes) else json.dumps(body).encode("utf-8"))
         deadline = time.time() + self.patience
         delay = 0.2
+        self.retried = False
         while True:
             try:
                 if self.conn is None:
@@ -725,6 +733,7 @@ class CouchDB(object):
                 break
             if status is not None:
                 why = "HTTP %d: %s" % (status, raw[:200].decode("utf-8", "replace"))
+            self.retried = True
             if time.time() >= deadline:
                 raise PoolUnreachable("CouchDB at %s did not answer %s %s for %.0f s (%s): check that the server "
                                 "runs and the URL is right" % (self.url, method, target.split("?")[0],
@@ -828,6 +837,9 @@ class CouchPool(Pool):
     for what stays on the node; ``spec`` says where the database is."""
 
     CONDITIONAL = True
+    # a lost race costs a request or two here (an O_EXCL create that fails costs nothing):
+    # thieves spread over the back of the queue, as PiCaS's pilots pick at random from a view page
+    STEAL_SPREAD = 16
 
     def __init__(self, root, spec, meta=None, patience=120.0):
         self.root = os.path.abspath(root)
@@ -842,6 +854,8 @@ class CouchPool(Pool):
         self._ids = {}  # token name → document id (tokens pushed by PiCaS keep theirs)
         self._seq = None  # where the launcher's look at the changes feed stopped
         self._changed = set()  # tokens the feed reported that the agent has not looked at
+        self._fresh = set()  # tokens whose cached document came from the feed and was not read yet
+        self._fed = 0.0  # when the feed was last read
         self._width = None
         self._shards = {}
 
@@ -898,6 +912,7 @@ class CouchPool(Pool):
         return name
 
     def _fetch(self, name):
+        self._fresh.discard(name)
         doc = self.db.get(self.doc_id(name))
         if doc is not None and (doc.get("pilotflow") or {}).get("run") == self.run:
             self._remember(doc)
@@ -977,8 +992,9 @@ class CouchPool(Pool):
 
     def _feed(self):
         """Tokens of this run changed since the launcher last looked (the changes feed)."""
-        if self._seq is None:
+        if self._seq is None or time.time() - self._fed < 0.05:
             return
+        self._fed = time.time()
         while True:
             status, ans = self.db.request("GET", "_changes", query={"since": self._seq, "include_docs": "true",
                                                                     "limit": COUCH_PAGE})
@@ -989,7 +1005,9 @@ class CouchPool(Pool):
             for r in results:
                 doc = r.get("doc") or {}
                 if doc.get("type") == "token" and (doc.get("pilotflow") or {}).get("run") == self.run:
-                    self._changed.add(self._remember(doc))
+                    name = self._remember(doc)
+                    self._changed.add(name)
+                    self._fresh.add(name)
             self._seq = ans.get("last_seq", self._seq)
             if len(results) < COUCH_PAGE:
                 return
@@ -1013,6 +1031,9 @@ class CouchPool(Pool):
         return int(self.state(name).get("attempt") or 0)
 
     def state(self, name, hint=None):
+        if name in self._fresh:  # the feed just brought it: no request
+            self._fresh.discard(name)
+            return self.record_of(name, self._docs[name])
         doc = self._fetch(name)
         if doc is None:
             return {"token": name, "state": TODO, "attempt": 0, "failures": 0}
@@ -1059,8 +1080,12 @@ class CouchPool(Pool):
             new["_attachments"] = attachments
         rev = self.db.put(new)
         if rev is None:
-            # a conflict; or our own write landed and its answer was lost with the connection
-            # (the retry then conflicts with it): ours if the database holds what we wrote
+            self._docs.pop(name, None)
+            if not self.db.retried:
+                self._feed()  # our view was old: bring it up to date in one request
+                return None
+            # our own write may have landed with its answer lost with the connection (the
+            # retry then conflicts with it): ours if the database holds what we wrote
             cur = self._fetch(name)
             if cur is None or (cur.get("pilotflow") or {}).get("state") != rec:
                 return None
@@ -1074,21 +1099,16 @@ class CouchPool(Pool):
     # transitions -------------------------------------------------------------------------------------
     def claim(self, name, attempt, record, keep=False):
         rec = json.loads(record.decode("utf-8")) if isinstance(record, bytes) else record
-        for fresh in (False, True):
-            doc = self._docs.get(name) if not fresh else self._fetch(name)
-            if doc is None:
-                doc = self._fetch(name)
-                if doc is None:
-                    return False
-            cur = self.record_of(name, doc)
-            if int(cur.get("attempt") or 0) != attempt - 1 or cur.get("state") != TODO:
-                if fresh:
-                    return False
-                continue
-            new = self._write(name, doc, dict(rec, attempt=attempt))
-            if new is not None:
-                return Claim(new) if keep else True
-        return False
+        doc = self._docs.get(name) or self._fetch(name)
+        if doc is None:
+            return False
+        cur = self.record_of(name, doc)
+        if int(cur.get("attempt") or 0) != attempt - 1 or cur.get("state") != TODO:
+            return False  # the agent learns the news from the feed (``returned``)
+        new = self._write(name, doc, dict(rec, attempt=attempt))
+        if new is None:
+            return False
+        return Claim(new) if keep else True
 
     def append(self, handle, name, doc):
         """The holder's result: the next revision of the document it claimed, with the
@@ -1098,6 +1118,13 @@ class CouchPool(Pool):
 
     def close_claim(self, handle):
         pass
+
+    def current(self, tokens):
+        """One scan of the run's tokens (a request per page) rather than one per token."""
+        if len(tokens) <= 2:
+            return [(t, self.state(t.name)) for t in tokens]
+        states = self.states()
+        return [(t, states.get(t.name) or self.state(t.name)) for t in tokens]
 
     def put(self, name, doc):
         for _ in range(10):
@@ -1613,6 +1640,11 @@ class Agent(object):
                 sleep = self.poll
                 continue
             if not self.worth_waiting() and now - idle_since >= self.idle_timeout:
+                # a last look before leaving: a quiet launcher may have gone stale since the
+                # last check (it is no longer "quiet", and not yet taken over)
+                if self.take_over_stale():
+                    last_stale = now
+                    continue
                 break
             self.wait(sleep)
             sleep = min(sleep * 1.5, 5.0)
@@ -1692,6 +1724,8 @@ class Agent(object):
         order = range(len(ready) - 1, -1, -1) if stealing else range(len(ready))
         drop = []
         found = None
+        spread = self.pool.STEAL_SPREAD if stealing else 1
+        fitting = []
         for i in order:
             t = self.tokens[ready[i][1]]
             if t.status != TODO:
@@ -1703,9 +1737,13 @@ class Agent(object):
                     and t.gpus <= len(self.gpu_free) and (room is None or t.walltime <= room)
                     and (not stealing or (t.stage <= self.stage
                                           and now - self.ready_since.get(t.name, 0) >= self.steal_delay))):
-                found = t
-                drop.append(i)
-                break
+                fitting.append(i)
+                if len(fitting) >= spread:
+                    break
+        if fitting:
+            i = fitting[0] if len(fitting) == 1 else random.choice(fitting)
+            found = self.tokens[ready[i][1]]
+            drop.append(i)
         for i in sorted(drop, reverse=True):
             self.tokens[ready[i][1]].queued = False
             del ready[i]
@@ -2004,10 +2042,8 @@ class Agent(object):
         if not dead:
             return 0
         before = len(self.ready_own) + len(self.ready_other)
-        for t in list(self.tokens.values()):
-            if t.status != "other":
-                continue
-            doc = self.pool.state(t.name, hint=t.attempt)
+        others = [t for t in self.tokens.values() if t.status == "other"]
+        for t, doc in self.pool.current(others):
             if doc.get("state") == LOCKED and agent_key(doc) in dead:
                 new = self.pool.release(t.name, doc, "pilot %s stopped beating; taken over" % doc.get("pilot"),
                                         give_up_after=LOST_LIMIT + t.retries)
