@@ -913,10 +913,11 @@ class CouchPool(Pool):
 
     def _fetch(self, name):
         self._fresh.discard(name)
-        doc = self.db.get(self.doc_id(name))
-        if doc is not None and (doc.get("pilotflow") or {}).get("run") == self.run:
-            self._remember(doc)
-            return doc
+        for doc_id in ((self._ids[name],) if name in self._ids else (self.doc_id(name), name)):
+            doc = self.db.get(doc_id)  # (a token adopted from PiCaS keeps its own id)
+            if doc is not None and (doc.get("pilotflow") or {}).get("run") == self.run:
+                self._remember(doc)
+                return doc
         return None
 
     def _scan(self, view, run, docs=True):
@@ -950,7 +951,10 @@ class CouchPool(Pool):
     # creation and definitions ------------------------------------------------------------------
     def add_defs(self, tokens):
         """Push token definitions as PiCaS tokens (one request per COUCH_PAGE). A token that
-        exists already (a batch pushed again after a lost answer) is left as it is."""
+        exists already (a batch pushed again after a lost answer) is left as it is; tokens
+        PiCaS's tools pushed (``picas`` in their definition) are adopted where they are."""
+        self.adopt([d for d in tokens if d.get("picas")])
+        tokens = [d for d in tokens if not d.get("picas")]
         for i in range(0, len(tokens), COUCH_PAGE):
             docs = []
             for d in tokens[i:i + COUCH_PAGE]:
@@ -961,18 +965,28 @@ class CouchPool(Pool):
             self.db.bulk(docs)
         return 0
 
-    def adopt(self, docs_and_defs):
-        """Take tokens pushed by PiCaS's own tools into this run (their ids and fields stay):
-        [(document, definition)]; the names adopted (a token changed meanwhile is skipped)."""
+    def adopt(self, defs):
+        """Take tokens PiCaS's own tools pushed into this run where they are (their ids and
+        fields stay; pilotflow's key is added): the names adopted. One that a PiCaS pilot
+        locked, or another run took, since the bundle was read is left alone."""
         out = []
-        for i in range(0, len(docs_and_defs), COUCH_PAGE):
+        for i in range(0, len(defs), COUCH_PAGE):
+            page = defs[i:i + COUCH_PAGE]
+            status, ans = self.db.request("POST", "_all_docs", body={"keys": [d["name"] for d in page]},
+                                          query={"include_docs": "true"})
+            if status != 200:
+                raise PoolError("CouchDB at %s: reading %d PiCaS tokens failed (HTTP %d)" % (self.db.url, len(page),
+                                                                                           status))
+            docs = dict((r["key"], r.get("doc")) for r in ans.get("rows") or ())
             batch = []
-            for doc, d in docs_and_defs[i:i + COUCH_PAGE]:
-                doc = dict(doc, pilotflow={"run": self.run, "name": d["name"], "def": d})
-                batch.append(doc)
-            for (doc_id, rev), doc in zip(self.db.bulk(batch), batch):
+            for d in page:
+                doc = docs.get(d["name"])
+                if doc and not doc.get("pilotflow") and doc.get("lock") == 0 and doc.get("done") == 0:
+                    batch.append(dict(doc, pilotflow={"run": self.run, "name": d["name"], "def": d}))
+            for (doc_id, rev), doc in zip(self.db.bulk(batch), batch) if batch else ():
                 if rev:
-                    out.append(doc["pilotflow"]["name"])
+                    self._ids[doc_id] = doc_id
+                    out.append(doc_id)
         return out
 
     def defs(self, seen=None):
@@ -1200,6 +1214,8 @@ class CouchPool(Pool):
         """The latest ended attempt's stdout and stderr, from the token's attachments."""
         out = {}
         for stream in ("out", "err"):
+            if name not in self._ids:
+                self._fetch(name)
             status, data = self.db.send("GET", self.db.docpath(self.doc_id(name)) + "/std%s.txt" % stream)
             out[stream] = data.decode("utf-8", "replace") if status == 200 else ""
         return out

@@ -19,6 +19,7 @@ from pilotflow.bundle.expand import (AfterResolver, Substituter, find_cycle, is_
 from pilotflow.bundle.fit import unfit
 from pilotflow.bundle.model import (DEFAULT_BATCH_MAX_WALLTIME_S, DEFAULT_LOCK_TIMEOUT_S, DEFAULT_WALLTIME_S,
                                     Bundle, Resource, Task, local_resource)
+from pilotflow.bundle.picas import picas_tasks
 from pilotflow.bundle.schema import (BUNDLE_KEYS, RESOURCE_KEYS, TASK_FIELDS, TASK_KEYS, TASKS_FROM_KEYS, TOP_KEYS,
                                      Problems, check_keys, validated)
 from pilotflow.bundle.toml_lines import LineMap
@@ -69,7 +70,7 @@ def bundle_from_dict(data: dict, *, path: Path | None = None, lines: LineMap | N
     defaults = check_keys(data.get("defaults", {}), TASK_FIELDS, ("defaults",), "defaults", pb)
     defaults = validated(defaults, TASK_FIELDS, ("defaults",), pb)
     base = path.parent if path else Path.cwd()
-    tasks = _expand_tasks(data, defaults, base, pb)
+    tasks = _expand_tasks(data, defaults, base, pb, resources)
     if not tasks and "task" not in data and "tasks_from" not in data:
         pb.add((), "the bundle has no tasks: add a [[task]] or [[tasks_from]] table")
     tasks = _resolve_after(tasks, pb)
@@ -141,7 +142,8 @@ def _check_pool(table: dict, vals: dict, origin: tuple, pb: Problems) -> None:
                                           "or remove this one")
 
 
-def _expand_tasks(data: dict, defaults: dict, base: Path, pb: Problems) -> list[Task]:
+def _expand_tasks(data: dict, defaults: dict, base: Path, pb: Problems,
+                  resources: list[Resource]) -> list[Task]:
     tasks: list[Task] = []
     raw = data.get("task", [])
     if not isinstance(raw, list):
@@ -169,8 +171,12 @@ def _expand_tasks(data: dict, defaults: dict, base: Path, pb: Problems) -> list[
         origin = ("tasks_from", i)
         table = check_keys(table, TASKS_FROM_KEYS, origin, "tasks_from", pb)
         vals = {**defaults, **validated(table, TASKS_FROM_KEYS, origin, pb)}
-        if "file" not in vals:
-            pb.add(origin, '[[tasks_from]] needs a file, for example file = "tokens.txt"')
+        if "picas_view" in vals and "file" not in vals:
+            tasks.extend(picas_tasks(vals, resources, origin, pb))
+            continue
+        if "file" not in vals or "picas_view" in vals:
+            pb.add(origin, '[[tasks_from]] needs either a file, for example file = "tokens.txt", or the '
+                           'PiCaS view whose tokens to run, for example picas_view = "todo"')
             continue
         fpath = base / vals.pop("file")
         try:

@@ -38,6 +38,7 @@ class Task:
     ranks_per_node: int | None = None
     gpus: int = 0  # GPUs of the task, on its node, for its whole run (a multi-node task holds its nodes whole)
     shell: str | None = None  # runs as ``SHELL -c COMMAND`` instead of /bin/sh (Snakemake jobs run directly)
+    picas: bool = False  # a token PiCaS's tools pushed (its document is adopted, not created)
     origin: tuple = ()
 
 

@@ -34,7 +34,7 @@ TASK_FIELDS = {
     "ranks_per_node": F.integer(1), "gpus": F.integer(0, 64),
 }
 TASK_KEYS = {"name": F.nonempty_text, "command": F.nonempty_text, "matrix": None, **TASK_FIELDS}
-TASKS_FROM_KEYS = {"file": F.nonempty_text, "name": F.nonempty_text, **TASK_FIELDS}
+TASKS_FROM_KEYS = {"file": F.nonempty_text, "picas_view": F.name, "name": F.nonempty_text, **TASK_FIELDS}
 RESOURCE_KEYS = {
     "name": F.name, "scheduler": _scheduler, "cores_per_node": F.integer(1),
     "memory_per_node": F.size_mb, "max_nodes": F.integer(1), "max_walltime": F.positive_duration,

@@ -34,6 +34,8 @@ def token_def(t: Task, rank: int, res: Resource | None = None) -> dict:
         d["gpus"] = t.gpus
     if t.shell:
         d["shell"] = t.shell
+    if t.picas:
+        d["picas"] = True
     if t.nodes > 1 or t.mpi:
         k = task_nodes(t, res.cores_per_node if res else None)
         d["nodes"] = k

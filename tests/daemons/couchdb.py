@@ -117,3 +117,23 @@ class PouchServer:
                 return r.status, json.loads(r.read() or b"null")
         except urllib.error.HTTPError as e:
             return e.code, json.loads(e.read() or b"null")
+
+
+def picas_venv() -> Path | str:
+    """A Python with the real ``picas`` package (tests/daemons/picas-requirements.txt), or why not."""
+    req = Path(__file__).with_name("picas-requirements.txt")
+    target = CACHE / f"picas-{hashlib.sha256(req.read_bytes()).hexdigest()[:12]}"
+    py = target / "bin" / "python"
+    if py.exists():
+        return py
+    tmp = target.with_name(target.name + f".{os.getpid()}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    for argv in (["python3", "-m", "venv", str(tmp)],
+                 [str(tmp / "bin" / "python"), "-m", "pip", "install", "-q", "--disable-pip-version-check",
+                  "--no-deps", "-r", str(req)]):
+        r = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+        if r.returncode != 0:
+            return f"{' '.join(argv[:4])} failed (exit {r.returncode}): {(r.stdout + r.stderr)[-1500:]}"
+    shutil.rmtree(target, ignore_errors=True)
+    os.rename(tmp, target)
+    return py

@@ -19,14 +19,14 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
-from tests.daemons.couchdb import PouchServer, install as install_pouchdb
+from tests.daemons.couchdb import PouchServer, install as install_pouchdb, picas_venv
 from tests.daemons.sge import SgeCluster
 from tests.daemons.slurm import SlurmCluster
 from tests.daemons.sshd import SshServer
 
 INSTALL_SH = Path(__file__).with_name("install.sh")
 
-__all__ = ["slurm_cluster", "sge_cluster", "ssh_server", "couchdb_server", "ensure_installed"]
+__all__ = ["slurm_cluster", "sge_cluster", "ssh_server", "couchdb_server", "picas_python", "ensure_installed"]
 
 
 def ensure_installed(binaries: list[str], packages: list[str]) -> str | None:
@@ -110,3 +110,11 @@ def couchdb_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PouchSe
     prog = install_pouchdb()
     _skip_if(prog if isinstance(prog, str) else None)
     yield from _shared("couchdb", lambda: PouchServer.start(prog, tmp_path_factory.mktemp("couchdb")))
+
+
+@pytest.fixture(scope="session")
+def picas_python() -> Path:
+    """A Python interpreter with the real picas package (a virtual environment of its own)."""
+    py = picas_venv()
+    _skip_if(py if isinstance(py, str) else None)
+    return py

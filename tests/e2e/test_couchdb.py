@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 import uuid
 from collections import Counter
@@ -221,3 +222,89 @@ def test_credentials_in_the_url_are_a_bundle_error(work):
     write_bundle(work, _bundle("http://alice:pw@127.0.0.1:5984", "tokens", '[[task]]\nname = "a"\ncommand = "true"'))
     r = cli("plan", "jobs.toml", cwd=work, check=2)
     assert "credentials never go in the bundle" in r.stderr and "couchdb_credentials" in r.stderr
+
+
+def _picas(py: Path, url: str, db: str, script: str) -> dict:
+    """Run ``script`` with the real picas package (``client`` is picas's CouchDB client on ``db``);
+    it prints one JSON object."""
+    head = ("import json, picas\nfrom picas.clients import CouchDB\nfrom picas.modifiers import BasicTokenModifier\n"
+            f"client = CouchDB(url={url!r}, db={db!r})\n")
+    r = subprocess.run([str(py), "-c", head + textwrap.dedent(script)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+CREATE_VIEWS = """
+    # what the picas-tutorial's createViews.py makes
+    code = 'function(doc) { if (doc.type == "token") { if (%s) { emit(doc._id, doc._id); } } }'
+    conds = {"todo": "doc.lock == 0 && doc.done == 0", "locked": "doc.lock > 0 && doc.done == 0",
+             "done": "doc.lock > 0 && doc.done > 0 && parseInt(doc.exit_code) == 0",
+             "error": "doc.lock > 0 && doc.done > 0 && parseInt(doc.exit_code) != 0"}
+    for name, cond in conds.items():
+        client.add_view(name, code % cond)
+"""
+
+
+def test_tokens_pushed_by_picas_are_run_by_pilotflow_pilots(couchdb_server, picas_python, work):
+    db = _db()
+    couchdb_server.request("PUT", f"/{db}")
+    # pushTokens.py's way: one token per line of a file, PiCaS's fields, saved with picas's client
+    _picas(picas_python, couchdb_server.url, db, CREATE_VIEWS + """
+    lines = ["echo one", "echo two; exit 3", "echo three", "echo four"]
+    docs = [picas.Document({"_id": "token_%d" % i, "type": "token", "lock": 0, "done": 0, "hostname": "",
+                            "scrub_count": 0, "input": line, "exit_code": ""}) for i, line in enumerate(lines)]
+    print(json.dumps({"saved": client.save_documents(docs)}))
+    """)
+    write_bundle(work, _bundle(couchdb_server.url, db, """
+        [[tasks_from]]
+        picas_view = "todo"
+        resource = "local"
+        walltime = "5s"
+        """))
+    plan = json.loads(cli("plan", "jobs.toml", "--json", cwd=work, check=0).stdout)
+    assert sorted(plan["resources"][0]["pilots"][0]["tasks"]) == ["token_0", "token_1", "token_2", "token_3"]
+    r = cli("submit", "jobs.toml", "--wait", cwd=work, check=1)
+    run = r.stdout.strip().splitlines()[0]
+    assert status_json(work, run)["counts"] == {"todo": 0, "locked": 0, "done": 3, "error": 1}
+    seen = _picas(picas_python, couchdb_server.url, db, """
+    out = {v: sorted(d.id for d in client.get_from_view(v)) for v in ("todo", "locked", "done", "error")}
+    t = client.get("token_1")
+    out["token_1"] = [t["input"], t["exit_code"], t["lock"] > 0, t["done"] > 0]
+    print(json.dumps(out))
+    """)
+    assert seen == {"todo": [], "locked": [], "done": ["token_0", "token_2", "token_3"], "error": ["token_1"],
+                    "token_1": ["echo two; exit 3", 3, True, True]}
+    assert "two" in cli("logs", run, "token_1", cwd=work, check=0).stdout
+
+
+def test_a_pilotflow_run_is_counted_and_scrubbed_by_picas_tools(couchdb_server, picas_python, work):
+    db = _db()
+    write_bundle(work, _bundle(couchdb_server.url, db, """
+        [[task]]
+        name = "job-{i}"
+        command = "test {i} -le 8 || test -e rerun"
+        matrix = { i = "1..10" }
+        """))
+    r = cli("submit", "jobs.toml", "--wait", cwd=work, check=1)
+    run = r.stdout.strip().splitlines()[0]
+    counts = _picas(picas_python, couchdb_server.url, db, """
+    print(json.dumps({r.key: r.value for r in client.view("overview_total", group=True)}))
+    """)
+    assert counts == {"done": 8, "error": 2}
+    # PiCaS's own reset: its Task scrubber (lock and done back to 0) on the error view's tokens
+    _picas(picas_python, couchdb_server.url, db, """
+    for doc in client.get_from_view("error"):
+        client.save(picas.Task(doc.value).scrub())
+    print(json.dumps({}))
+    """)
+    st = status_json(work, run)
+    assert st["counts"] == {"todo": 2, "locked": 0, "done": 8, "error": 0}
+    assert st["tokens"]["job-9"]["state"] == "todo"
+    for w in work.glob(".pilotflow/**/work"):
+        (w / "rerun").touch()
+    assert cli("retry", run, cwd=work).returncode == 0
+    cli("wait", run, cwd=work, check=0)
+    counts = _picas(picas_python, couchdb_server.url, db, """
+    print(json.dumps({r.key: r.value for r in client.view("overview_total", group=True)}))
+    """)
+    assert counts == {"done": 10}
