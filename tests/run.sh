@@ -48,6 +48,15 @@ echo "tests/run.sh: $([ $LATEST = 1 ] && echo "newest versions" || echo "pinned 
     "$("$VENV/bin/python" -m pip list --disable-pip-version-check 2>/dev/null \
        | awk 'tolower($1) ~ /^(pulp|highspy|snakemake|paramiko|rich|pytest)$/ {printf "%s%s %s", sep, $1, $2; sep=", "}')"
 
+# the CouchDB tier's server (pouchdb-server, npm ci of a pinned lock) and the real picas client,
+# into ~/.cache/pilotflow-tests: set up here, before the suite's clock starts, like the daemons
+"$VENV/bin/python" - <<'PY'
+from tests.daemons.couchdb import install, picas_venv
+for what, got in (("pouchdb-server", install()), ("picas", picas_venv())):
+    print(f"tests/run.sh: {what}: " + (f"not available, the couchdb tests will skip: {got}" if isinstance(got, str)
+                                       else f"{got}"))
+PY
+
 "$VENV/bin/python" -m pytest "$@"
 rc=$?
 if [ $rc -eq 5 ]; then

@@ -82,12 +82,34 @@ def check_resource(res: Resource, base_dir: Path, *, submit: bool):
         except (PilotflowError, OSError) as e:
             yield "root writable", False, f"{root}: {e}; set root = \"...\" to a writable shared directory"
             return
+        if res.pool == "couchdb":
+            yield _couchdb(res)
         if not submit:
             yield "test pilot", None, "not submitted (add --submit to check that the nodes see root)"
             return
         yield from _test_pilot(t, res, root)
     finally:
         t.close()
+
+
+def _couchdb(res: Resource) -> tuple[str, bool, str]:
+    """The pool's database answers this machine with the credentials given (pilots must reach
+    it too: a test pilot does not check that)."""
+    from pilotflow.launcher import CLIENT_PATIENCE, CouchDB, PoolError, couch_credentials
+    try:
+        db = CouchDB(res.couchdb_url, res.couchdb_database, couch_credentials(res.couchdb_credentials),
+                     patience=CLIENT_PATIENCE)
+        try:
+            status, info = db.request("GET", "")
+        finally:
+            db.close()
+    except PoolError as e:
+        return "couchdb", False, str(e)
+    if status == 404:
+        return "couchdb", True, f"{res.couchdb_url}: database {res.couchdb_database} will be created at submit"
+    if status != 200:
+        return "couchdb", False, f"{res.couchdb_url}/{res.couchdb_database}: HTTP {status}: {info}"
+    return "couchdb", True, f"{res.couchdb_url}/{res.couchdb_database}: {info.get('doc_count', '?')} documents"
 
 
 def _flavour(t, sched) -> str | None:

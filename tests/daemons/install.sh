@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install the real daemons the integration tests and benchmarks run against
-# (Slurm + munge, Son of Grid Engine, OpenSSH server, Open MPI, Chromium).
+# (Slurm + munge, Son of Grid Engine, OpenSSH server, Open MPI, Chromium, Node/npm).
 #
 # Why a script: whatever is installed by hand on a machine does not survive a
 # move to a new machine, so CI and every session call this. It is idempotent
@@ -13,6 +13,9 @@ set -u
 PACKAGES=(slurmctld slurmd slurm-client munge
           gridengine-master gridengine-exec gridengine-client
           openssh-server openmpi-bin libopenmpi-dev chromium faketime strace)
+# Node and npm for the CouchDB tier's pouchdb-server: Debian's unless the machine has them
+# already (a NodeSource nodejs carries its own npm and conflicts with Debian's npm package)
+command -v npm >/dev/null 2>&1 || PACKAGES+=(nodejs npm)
 if [ "$#" -gt 0 ]; then PACKAGES=("$@"); fi
 
 if [ "${EUID:-$(id -u)}" -ne 0 ]; then

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,6 +22,8 @@ from pilotflow.launcher import CouchPool, open_pool
 from tests.conftest import cli, status_json, write_bundle
 from tests.daemons.couchdb import PouchServer
 from tests.e2e.test_launcher import LAUNCHER
+
+ROOT = Path(__file__).resolve().parent.parent.parent
 
 pytestmark = pytest.mark.couchdb
 
@@ -308,3 +311,24 @@ def test_a_pilotflow_run_is_counted_and_scrubbed_by_picas_tools(couchdb_server, 
     print(json.dumps({r.key: r.value for r in client.view("overview_total", group=True)}))
     """)
     assert counts == {"done": 10}
+
+
+def test_the_picas_quick_workflow_runs_in_one_command(couchdb_server, work):
+    ex = work / "picas-quick"
+    shutil.copytree(ROOT / "workflows" / "picas-quick", ex)
+    toml = ex / "picas-couchdb.toml"
+    toml.write_text(toml.read_text().replace("http://127.0.0.1:5984", couchdb_server.url))
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    r = subprocess.run([sys.executable, str(ex / "couchdb.py")], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert 'overview_total view: {"done": 6}' in r.stdout
+
+
+def test_check_says_whether_the_database_answers(couchdb_server, guarded_server, work):
+    write_bundle(work, _bundle(couchdb_server.url, _db(), '[[task]]\nname = "a"\ncommand = "true"'))
+    r = cli("check", "jobs.toml", cwd=work)
+    assert r.returncode == 0 and "will be created at submit" in r.stdout, r.stdout + r.stderr
+    write_bundle(work, _bundle(guarded_server.url, "tokens", '[[task]]\nname = "a"\ncommand = "true"'))
+    r = cli("check", "jobs.toml", cwd=work, env={"PILOTFLOW_COUCHDB_USER": "alice",
+                                               "PILOTFLOW_COUCHDB_PASSWORD": "nope"})
+    assert r.returncode != 0 and "refused the credentials" in r.stdout + r.stderr
