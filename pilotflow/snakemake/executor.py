@@ -94,6 +94,10 @@ class Executor(RemoteExecutor):
                 raise WorkflowError(f"pilotflow: --pilotflow-{key.replace('_', '-')} must be at least 1")
         if s.status_interval <= 0:
             raise WorkflowError("pilotflow: --pilotflow-status-interval must be more than 0 seconds")
+        couch = [r.name for r in resources if r.pool == "couchdb"]
+        if couch:
+            raise WorkflowError(f"pilotflow: resource {couch[0]} has pool = \"couchdb\": the Snakemake plugin "
+                                "runs on file pools only (remove the pool line, or give another resource)")
         self.settings = s
         self.resources = resources
         self._job_cores: Optional[int] = None

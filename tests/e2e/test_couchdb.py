@@ -25,7 +25,6 @@ from tests.e2e.test_launcher import LAUNCHER
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 
-pytestmark = pytest.mark.couchdb
 
 
 def _db() -> str:
@@ -73,6 +72,7 @@ def _ran(work: Path) -> Counter:
     return runs
 
 
+@pytest.mark.couchdb
 def test_a_run_on_a_couchdb_pool_from_submit_to_logs(couchdb_server, work):
     db = _db()
     write_bundle(work, _bundle(couchdb_server.url, db, """
@@ -113,6 +113,7 @@ def test_a_run_on_a_couchdb_pool_from_submit_to_logs(couchdb_server, work):
     assert status_json(work, run)["tokens"]["bad"]["attempts"] == 2
 
 
+@pytest.mark.couchdb
 def test_8_launchers_2000_tokens_each_exactly_once(couchdb_server, tmp_path):
     n = 2000
     pool = _pool(tmp_path, couchdb_server.url, _db(), n, 'echo "$PILOTFLOW_TOKEN" >> "rec.$PILOTFLOW_PILOT"')
@@ -132,6 +133,7 @@ def test_8_launchers_2000_tokens_each_exactly_once(couchdb_server, tmp_path):
     print(f"2,000 tokens, 8 launchers on CouchDB: {elapsed:.1f} s ({n / elapsed:.0f} tokens/s)")
 
 
+@pytest.mark.couchdb
 def test_a_server_restarted_mid_run_loses_nothing(couchdb_server, tmp_path):
     n = 300
     pool = _pool(tmp_path, couchdb_server.url, _db(), n,
@@ -148,6 +150,7 @@ def test_a_server_restarted_mid_run_loses_nothing(couchdb_server, tmp_path):
     assert Counter(d["state"] for d in pool.states().values()) == {"done": n}
 
 
+@pytest.mark.couchdb
 def test_a_pilot_killed_mid_token_is_taken_over_once_its_lock_is_stale(couchdb_server, tmp_path):
     pool = CouchPool.create(str(tmp_path), {"run": "r", "lock_timeout": 4,
                                             "couchdb": {"url": couchdb_server.url, "database": _db()}})
@@ -168,6 +171,7 @@ def test_a_pilot_killed_mid_token_is_taken_over_once_its_lock_is_stale(couchdb_s
     assert (tmp_path / "work" / "rec.long").read_text().split() == ["pa", "pb"]
 
 
+@pytest.mark.couchdb
 def test_a_node_without_the_run_directory_works_from_the_database_alone(couchdb_server, tmp_path):
     """A grid node sharing no filesystem with the submit host: the launcher gets the database
     on its command line and works in a directory of its own."""
@@ -200,6 +204,7 @@ def _prog():
     return prog
 
 
+@pytest.mark.couchdb
 def test_wrong_credentials_give_one_clear_error(guarded_server, work):
     cred = work / "couch.cred"
     cred.write_text("alice:wrong\n")
@@ -248,6 +253,7 @@ CREATE_VIEWS = """
 """
 
 
+@pytest.mark.couchdb
 def test_tokens_pushed_by_picas_are_run_by_pilotflow_pilots(couchdb_server, picas_python, work):
     db = _db()
     couchdb_server.request("PUT", f"/{db}")
@@ -280,6 +286,7 @@ def test_tokens_pushed_by_picas_are_run_by_pilotflow_pilots(couchdb_server, pica
     assert "two" in cli("logs", run, "token_1", cwd=work, check=0).stdout
 
 
+@pytest.mark.couchdb
 def test_a_pilotflow_run_is_counted_and_scrubbed_by_picas_tools(couchdb_server, picas_python, work):
     db = _db()
     write_bundle(work, _bundle(couchdb_server.url, db, """
@@ -313,6 +320,7 @@ def test_a_pilotflow_run_is_counted_and_scrubbed_by_picas_tools(couchdb_server, 
     assert counts == {"done": 10}
 
 
+@pytest.mark.couchdb
 def test_the_picas_quick_workflow_runs_in_one_command(couchdb_server, work):
     ex = work / "picas-quick"
     shutil.copytree(ROOT / "workflows" / "picas-quick", ex)
@@ -324,6 +332,7 @@ def test_the_picas_quick_workflow_runs_in_one_command(couchdb_server, work):
     assert 'overview_total view: {"done": 6}' in r.stdout
 
 
+@pytest.mark.couchdb
 def test_check_says_whether_the_database_answers(couchdb_server, guarded_server, work):
     write_bundle(work, _bundle(couchdb_server.url, _db(), '[[task]]\nname = "a"\ncommand = "true"'))
     r = cli("check", "jobs.toml", cwd=work)
@@ -332,3 +341,13 @@ def test_check_says_whether_the_database_answers(couchdb_server, guarded_server,
     r = cli("check", "jobs.toml", cwd=work, env={"PILOTFLOW_COUCHDB_USER": "alice",
                                                "PILOTFLOW_COUCHDB_PASSWORD": "nope"})
     assert r.returncode != 0 and "refused the credentials" in r.stdout + r.stderr
+
+
+def test_the_snakemake_plugin_refuses_a_couchdb_resource_clearly(work):
+    (work / "Snakefile").write_text('rule a:\n    output: "a.txt"\n    shell: "touch {output}"\n')
+    (work / "cluster.toml").write_text('[[resource]]\nname = "grid"\nscheduler = "local"\ncores_per_node = 1\n'
+                                       'pool = "couchdb"\ncouchdb_url = "http://127.0.0.1:1"\ncouchdb_database = "x"\n')
+    r = subprocess.run([sys.executable, "-m", "snakemake", "--executor", "pilotflow", "-j", "1",
+                        "--pilotflow-resources", "cluster.toml"], cwd=work, capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0
+    assert 'resource grid has pool = "couchdb": the Snakemake plugin runs on file pools only' in r.stdout + r.stderr
