@@ -264,7 +264,9 @@ class Pool(object):
         """The newest attempt that has a file (0: none), probing upwards from ``hint``."""
         if hint is not None:
             n = max(0, int(hint))
-            if n == 0 or os.path.exists(self._file(name, n)):
+            # (a hint of 0 with no first attempt's file is no lead: the token may never have
+            # been claimed, or attempt 2's claim removed attempt 1's file; the listing tells)
+            if os.path.exists(self._file(name, n if n else 1)):
                 while os.path.exists(self._file(name, n + 1)):
                     n += 1
                 return n
@@ -414,7 +416,11 @@ class Pool(object):
                     pass
         return fd if keep else True
 
-    def append(self, fd, name, doc):
+    def flush(self):
+        """Write what is held back (nothing: every file write is made at once)."""
+        return {}
+
+    def append(self, fd, name, doc, later=False):
         """The holder's result for the attempt it claimed with ``keep``: a line after the lock
         record (a reader that sees it half-written still reads the lock line). The shard
         directory is touched: incremental scans skip directories that did not change."""
@@ -688,6 +694,8 @@ class CouchDB(object):
         return http.client.HTTPConnection(self.host, self.port, timeout=60)
 
     def docpath(self, doc_id):
+        if doc_id.startswith("_design/"):  # CouchDB wants that slash as it is
+            return "%s/_design/%s" % (self.prefix, self._quote(doc_id[8:], safe=""))
         return "%s/%s" % (self.prefix, self._quote(doc_id, safe=":"))
 
     def request(self, method, path="", body=None, query=None):
@@ -735,15 +743,19 @@ class CouchDB(object):
                 why = "HTTP %d: %s" % (status, raw[:200].decode("utf-8", "replace"))
             self.retried = True
             if time.time() >= deadline:
-                raise PoolUnreachable("CouchDB at %s did not answer %s %s for %.0f s (%s): check that the server "
-                                "runs and the URL is right" % (self.url, method, target.split("?")[0],
-                                                               self.patience, why))
+                raise PoolUnreachable("CouchDB at %s did not answer %s %s for %.0f s (%s): check that the "
+                                      "server runs and the URL is right"
+                                      % (self.url, method, target.split("?")[0], self.patience, why))
             time.sleep(delay)
             delay = min(delay * 2, 5.0)
-        if status in (401, 403):
-            raise PoolError("CouchDB at %s refused the credentials for database %s (HTTP %d): check the "
+        if status == 401:
+            raise PoolError("CouchDB at %s refused the credentials for database %s (HTTP 401): check the "
                             "user and password (the resource's couchdb_credentials file, or "
-                            "PILOTFLOW_COUCHDB_USER / PILOTFLOW_COUCHDB_PASSWORD)" % (self.url, self.database, status))
+                            "PILOTFLOW_COUCHDB_USER / PILOTFLOW_COUCHDB_PASSWORD)" % (self.url, self.database))
+        if status == 403:
+            raise PoolError("CouchDB at %s: this user may not %s %s of database %s (HTTP 403): ask its admin to "
+                            "make the user a member (pilotflow writes tokens and views)"
+                            % (self.url, method, target.split("?")[0], self.database))
         return status, raw
 
     def _clock(self, date):
@@ -856,6 +868,8 @@ class CouchPool(Pool):
         self._changed = set()  # tokens the feed reported that the agent has not looked at
         self._fresh = set()  # tokens whose cached document came from the feed and was not read yet
         self._fed = 0.0  # when the feed was last read
+        self._agent_docs = {}  # launcher key → its record as this process last wrote it
+        self._pending = []  # (name, next document, record): results held back for the next request
         self._width = None
         self._shards = {}
 
@@ -990,6 +1004,7 @@ class CouchPool(Pool):
         return out
 
     def defs(self, seen=None):
+        self._start_feed()  # from before the scan: no change is missed between the two
         docs = self._scan("tokens", self.run)
         out = []
         for doc in docs:
@@ -1009,8 +1024,16 @@ class CouchPool(Pool):
         if self._seq is None or time.time() - self._fed < 0.05:
             return
         self._fed = time.time()
+        self._seq, names = self._read_changes(self._seq)
+        self._changed.update(names)
+        self._fresh.update(names)
+
+    def _read_changes(self, seq):
+        """(the feed's new sequence, this run's tokens changed after ``seq``), their documents
+        remembered; a request per page of changes."""
+        names = []
         while True:
-            status, ans = self.db.request("GET", "_changes", query={"since": self._seq, "include_docs": "true",
+            status, ans = self.db.request("GET", "_changes", query={"since": seq, "include_docs": "true",
                                                                     "limit": COUCH_PAGE})
             if status != 200:
                 raise PoolError("CouchDB at %s: the changes feed of %s failed (HTTP %d)" % (self.db.url,
@@ -1019,12 +1042,10 @@ class CouchPool(Pool):
             for r in results:
                 doc = r.get("doc") or {}
                 if doc.get("type") == "token" and (doc.get("pilotflow") or {}).get("run") == self.run:
-                    name = self._remember(doc)
-                    self._changed.add(name)
-                    self._fresh.add(name)
-            self._seq = ans.get("last_seq", self._seq)
+                    names.append(self._remember(doc))
+            seq = ans.get("last_seq", seq)
             if len(results) < COUCH_PAGE:
-                return
+                return seq, names
 
     def _start_feed(self):
         if self._seq is None:
@@ -1067,36 +1088,24 @@ class CouchPool(Pool):
             status, info = self.db.request("GET", "")
             seq = (info or {}).get("update_seq", 0)
             return seq, self.states()
-        out = {}
-        seq = since
-        while True:
-            status, ans = self.db.request("GET", "_changes", query={"since": seq, "include_docs": "true",
-                                                                    "limit": COUCH_PAGE})
-            if status != 200:
-                raise PoolError("CouchDB at %s: the changes feed of %s failed (HTTP %d)" % (self.db.url,
-                                                                                        self.db.database, status))
-            results = ans.get("results") or []
-            for r in results:
-                doc = r.get("doc") or {}
-                if doc.get("type") == "token" and (doc.get("pilotflow") or {}).get("run") == self.run:
-                    name = self._remember(doc)
-                    out[name] = self.record_of(name, doc)
-            seq = ans.get("last_seq", seq)
-            if len(results) < COUCH_PAGE:
-                return seq, out
+        seq, names = self._read_changes(since)
+        return seq, dict((n, self.record_of(n, self._docs[n])) for n in names)
 
-    def _write(self, name, doc, rec, attachments=None):
-        """The token's next revision holding ``rec``: its new document, or None (conflict)."""
+    @staticmethod
+    def _next(doc, rec, attachments=None):
+        """The next revision of a token's document, holding ``rec``."""
         new = dict(doc)
         new.update(picas_fields(rec))
         new["pilotflow"] = dict(doc.get("pilotflow") or {}, state=rec)
         if attachments is not None:
             new["_attachments"] = attachments
-        rev = self.db.put(new)
+        return new
+
+    def _stored(self, name, new, rev, rec, retried):
+        """The document as stored (``rev``), or None if the update conflicted."""
         if rev is None:
             self._docs.pop(name, None)
-            if not self.db.retried:
-                self._feed()  # our view was old: bring it up to date in one request
+            if not retried:
                 return None
             # our own write may have landed with its answer lost with the connection (the
             # retry then conflicts with it): ours if the database holds what we wrote
@@ -1104,11 +1113,44 @@ class CouchPool(Pool):
             if cur is None or (cur.get("pilotflow") or {}).get("state") != rec:
                 return None
             return cur
-        new["_rev"] = rev
-        if attachments is not None:  # what a read would give back
-            new["_attachments"] = dict((k, {"stub": True}) for k in attachments)
+        new = dict(new, _rev=rev)
+        if "_attachments" in new:  # what a read would give back
+            new["_attachments"] = dict((k, {"stub": True}) for k in new["_attachments"])
         self._docs[name] = new
         return new
+
+    def _write(self, name, doc, rec, attachments=None):
+        """The token's next revision holding ``rec`` (with the results waiting to be written,
+        in one request): its new document, or None (conflict)."""
+        new = self._next(doc, rec, attachments)
+        if self._pending:
+            return self.flush(extra=(name, new, rec)).get(name)
+        out = self._stored(name, new, self.db.put(new), rec, self.db.retried)
+        if out is None and not self.db.retried:
+            self._feed()  # our view was old: bring it up to date in one request
+        return out
+
+    def flush(self, extra=None):
+        """Write the results held back (``append(..., later=True)``) and ``extra`` (name, doc,
+        record) in one request: {name: stored document or None}. A held-back result that
+        conflicts (its attempt was handed back meanwhile) is void; the agent rechecks it."""
+        items, self._pending = self._pending, []
+        if extra is not None:
+            items.append(extra)
+        if not items:
+            return {}
+        answers = self.db.bulk([doc for _, doc, _ in items])
+        retried = self.db.retried
+        out = {}
+        lost = False
+        for (name, doc, rec), (_, rev) in zip(items, answers):
+            out[name] = self._stored(name, doc, rev, rec, retried)
+            if out[name] is None:
+                lost = True
+                self._changed.add(name)
+        if lost and not retried:
+            self._feed()
+        return out
 
     # transitions -------------------------------------------------------------------------------------
     def claim(self, name, attempt, record, keep=False):
@@ -1124,10 +1166,14 @@ class CouchPool(Pool):
             return False
         return Claim(new) if keep else True
 
-    def append(self, handle, name, doc):
+    def append(self, handle, name, doc, later=False):
         """The holder's result: the next revision of the document it claimed, with the
         attempt's output attached. A conflict means the attempt was handed back meanwhile:
-        the result is void (False)."""
+        the result is void (False). ``later``: held back and written with the next claim or
+        ``flush`` (one request for both; the agent flushes every turn of its loop)."""
+        if later:
+            self._pending.append((name, self._next(handle.doc, doc, self._attachments(doc)), doc))
+            return True
         return self._write(name, handle.doc, doc, self._attachments(doc)) is not None
 
     def close_claim(self, handle):
@@ -1204,6 +1250,8 @@ class CouchPool(Pool):
                     continue
             except (OSError, ValueError):
                 continue
+            if not data:
+                continue  # nothing printed: no attachment (one less blob per quiet task)
             if cut > 0:
                 data = ("[pilotflow: %d earlier bytes cut]\n" % cut).encode("utf-8") + data
             out["std%s.txt" % stream] = {"content_type": "text/plain",
@@ -1225,20 +1273,29 @@ class CouchPool(Pool):
         return "pilotflow-agent:%s:%s" % (self.run, key)
 
     def write_agent(self, key, rec):
-        cur = self.db.get(self._agent_id(key)) or {"_id": self._agent_id(key)}
-        doc = dict(cur, type="pilotflow-agent", run=self.run, key=key, record=rec, beat=self.now())
-        doc.pop("end", None)
-        if self.db.put(doc) is None:
-            self.write_agent(key, rec)
+        for _ in range(5):
+            cur = self.db.get(self._agent_id(key)) or {"_id": self._agent_id(key)}
+            doc = dict(cur, type="pilotflow-agent", run=self.run, key=key, record=rec, beat=self.now())
+            doc.pop("end", None)
+            rev = self.db.put(doc)
+            if rev is not None:
+                self._agent_docs[key] = dict(doc, _rev=rev)
+                return
+        raise PoolError("the record of launcher %s in database %s kept changing while written" % (key, self.db.database))
 
     def beat_agent(self, key):
+        """One PUT over the revision this launcher wrote last (another read only if someone
+        else wrote its record meanwhile)."""
         for _ in range(5):
-            cur = self.db.get(self._agent_id(key))
+            cur = self._agent_docs.get(key) or self.db.get(self._agent_id(key))
             if cur is None:
                 return False
-            cur["beat"] = self.now()
-            if self.db.put(cur) is not None:
+            cur = dict(cur, beat=self.now())
+            rev = self.db.put(cur)
+            if rev is not None:
+                self._agent_docs[key] = dict(cur, _rev=rev)
                 return True
+            self._agent_docs.pop(key, None)
         return True
 
     def agent_end(self, key):
@@ -1250,6 +1307,7 @@ class CouchPool(Pool):
                                                        "run": self.run, "key": key, "record": {}, "beat": self.now()}
             cur["end"] = end
             if self.db.put(cur) is not None:
+                self._agent_docs.pop(key, None)
                 return
 
     def agents(self):
@@ -1525,6 +1583,7 @@ class Agent(object):
         self.exit_reason = "no claimable work left"
         self.reaper = None
         self.ran = 0
+        self.taken_over = 0  # tokens of stale launchers this one handed back
         env = dict(os.environ)
         env["PILOTFLOW_RUN"] = pool.meta.get("run", os.path.basename(pool.root))
         env["PILOTFLOW_PILOT"] = pilot
@@ -1628,6 +1687,7 @@ class Agent(object):
             self.settle_suspects()
             if ended and not self.stopping and not self.unwritten:
                 started += self.fill()
+            self.pool.flush()  # results held back for this turn's claims: written by now
             if self.stopping == "term":
                 break
             now = time.time()
@@ -1658,8 +1718,10 @@ class Agent(object):
             if not self.worth_waiting() and now - idle_since >= self.idle_timeout:
                 # a last look before leaving: a quiet launcher may have gone stale since the
                 # last check (it is no longer "quiet", and not yet taken over)
-                if self.take_over_stale():
-                    last_stale = now
+                before = self.taken_over
+                self.take_over_stale()
+                last_stale = now
+                if self.taken_over > before:
                     continue
                 break
             self.wait(sleep)
@@ -1961,7 +2023,9 @@ class Agent(object):
             self.pool.put(t.name, doc)
             return None
         try:
-            return self.pool.append(fd, t.name, doc)
+            # a result nothing here waits for may go with the next claim (a database pool
+            # writes both in one request); one that wakes dependants is written now
+            return self.pool.append(fd, t.name, doc, later=t.name not in self.waiting_on)
         finally:
             self.pool.close_claim(fd)
 
@@ -2065,6 +2129,7 @@ class Agent(object):
                                         give_up_after=LOST_LIMIT + t.retries)
                 if new is not None:
                     doc = new
+                    self.taken_over += 1
             was = t.status
             self.absorb(t, doc)
             if t.status == TODO and was != TODO:
@@ -2390,6 +2455,7 @@ class Agent(object):
 
     def shutdown(self):
         """Stop what runs (if anything) and hand those tokens back; leave an end record."""
+        self.pool.flush()
         self.settle_suspects(final=True)
         for _ in range(3):
             if self.flush_unwritten():
@@ -2418,6 +2484,7 @@ class Agent(object):
                                       "pilot %s stopped (%s)" % (self.pilot, self.exit_reason))
                 self.tell_reaper("- %d\n" % pid)
             self.running.clear()
+        self.pool.flush()
         try:
             end = time.time()
             idle = self.idle_s + (end - self.idle_since if self.idle_since is not None else 0.0)

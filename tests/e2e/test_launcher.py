@@ -384,3 +384,18 @@ def test_plain_and_shell_commands_behave_alike_and_only_plain_ones_skip_the_shel
     # the shell ran for: the script without #! (after the direct exec said ENOEXEC), the
     # missing program, "exit 3" and "true; true" -- once each
     assert through_sh == sorted(["./noshebang.sh one two", "no-such-program-here", "exit 3", "true; true"])
+
+
+def test_a_token_on_its_second_attempt_reads_right_for_a_launcher_that_never_saw_the_first(tmp_path):
+    """Attempt 2's claim removes attempt 1's file: a look from attempt 0 (a launcher that never
+    saw the token claimed) must find attempt 2, not take the token for unclaimed (launchers then
+    re-queued done tokens for ever and never exited)."""
+    from pilotflow.launcher import Pool, dump
+    pool = Pool.create(str(tmp_path), {"run": "r", "lock_timeout": 300})
+    pool.add_defs([{"name": "x", "command": "true"}])
+    assert pool.claim("x", 1, dump({"token": "x", "state": "locked", "attempt": 1}))
+    pool.put("x", {"token": "x", "state": "todo", "attempt": 1, "failures": 1})
+    assert pool.claim("x", 2, dump({"token": "x", "state": "locked", "attempt": 2}))
+    pool.put("x", {"token": "x", "state": "done", "attempt": 2, "exit_code": 0})
+    assert (pool.state("x", hint=0)["state"], pool.state("x", hint=0)["attempt"]) == ("done", 2)
+    assert pool.state("x", hint=1)["attempt"] == 2 and pool.latest("x", hint=0) == 2

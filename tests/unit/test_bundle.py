@@ -356,7 +356,8 @@ def test_tasks_from_errors(tmp_path):
     """)
     assert got[0].startswith('F:5: file = "missing.txt": cannot read ')
     assert got[0].endswith("missing.txt: No such file or directory")
-    assert got[1] == 'F:6: [[tasks_from]] needs a file, for example file = "tokens.txt"'
+    assert got[1] == ('F:6: [[tasks_from]] needs either a file, for example file = "tokens.txt", or the PiCaS view '
+                      'whose tokens to run, for example picas_view = "todo"')
 
 
 def test_tasks_from_name_needs_n(tmp_path):
