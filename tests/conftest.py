@@ -67,3 +67,35 @@ def _drain(cluster, cancel: list[str], listing: list[str], within: float = 30.0)
     end = time.time() + within
     while time.time() < end and cluster.run(listing).stdout.strip():
         time.sleep(0.5)
+
+
+_DAEMONS = {"slurm_cluster", "sge_cluster", "ssh_server"}
+
+
+def pytest_addoption(parser) -> None:
+    parser.addoption("--tier", choices=("all", "daemons", "rest"), default="all",
+                     help="daemons: only the tests of the shared batch daemons (Slurm, Grid Engine, sshd); "
+                          "rest: all others (tests/run.sh runs the two side by side)")
+
+
+def uses_batch_daemons(item) -> bool:
+    """A test of the shared Slurm / Grid Engine / sshd (one of each per machine)."""
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    return bool(set(getattr(item, "fixturenames", ())) & _DAEMONS
+                or {params.get("cluster"), params.get("where")} & {"slurm", "sge"})
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """``--tier``: tests/run.sh runs the daemon tests and the rest as two pytest processes at
+    once. Most of the suite's time is tests waiting on walltimes, lock timeouts and Slurm's
+    minute, not CPU; within each process tests run one after another as before (one Slurm, one
+    Grid Engine cell, one sshd; each test's queue drain stays its own)."""
+    tier = config.getoption("tier")
+    if tier == "all":
+        return
+    keep, drop = [], []
+    for item in items:
+        (keep if uses_batch_daemons(item) == (tier == "daemons") else drop).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep

@@ -57,10 +57,39 @@ for what, got in (("pouchdb-server", install()), ("picas", picas_venv())):
                                        else f"{got}"))
 PY
 
-"$VENV/bin/python" -m pytest "$@"
-rc=$?
-if [ $rc -eq 5 ]; then
-    echo "tests/run.sh: pytest collected no tests: that is a failure, not a pass" >&2
-    exit 1
+collected_none() {
+    echo "tests/run.sh: pytest collected no tests$1: that is a failure, not a pass" >&2
+}
+
+if [ $# -gt 0 ] || [ "${PILOTFLOW_TESTS_SERIAL:-0}" = 1 ]; then
+    "$VENV/bin/python" -m pytest "$@"
+    rc=$?
+    [ $rc -eq 5 ] && { collected_none ""; exit 1; }
+    exit $rc
 fi
-exit $rc
+
+# The whole suite: the tests of the batch daemons (Slurm, Grid Engine, sshd) and all the others
+# as two pytest processes side by side. Most of the suite's time is tests waiting on walltimes,
+# lock timeouts and Slurm's minute, not CPU; within each, tests run one after another.
+# PILOTFLOW_TESTS_SERIAL=1 runs them as one process.
+TMP=$(mktemp -d -t pilotflow-tests.XXXXXX)
+chmod 755 "$TMP"  # the daemons' tests run jobs as a second user in there
+echo "tests/run.sh: the batch-daemon tests (shown as they run) and the others (shown when both are done," \
+     "log: $TMP/rest.log) run side by side"
+"$VENV/bin/python" -m pytest --tier rest --basetemp="$TMP/rest" > "$TMP/rest.log" 2>&1 &
+rest=$!
+trap 'kill $rest 2>/dev/null' INT TERM
+"$VENV/bin/python" -m pytest --tier daemons --basetemp="$TMP/daemons"
+rc_daemons=$?
+wait $rest
+rc_rest=$?
+echo
+echo "==================== tests/run.sh: the tests without batch daemons ===================="
+cat "$TMP/rest.log"
+echo "tests/run.sh: batch-daemon tests exit $rc_daemons, the others exit $rc_rest"
+[ $rc_daemons -eq 5 ] && { collected_none " in the batch-daemon tier"; exit 1; }
+[ $rc_rest -eq 5 ] && { collected_none " in the tier without daemons"; exit 1; }
+[ $rc_daemons -ne 0 ] && exit $rc_daemons
+[ $rc_rest -ne 0 ] && exit $rc_rest
+rm -rf "$TMP/rest" "$TMP/daemons"  # kept for a look after a failure
+exit 0

@@ -123,19 +123,20 @@ walltime = "3s"''', "cancelme", max_walltime="5m")
     assert_once_and_never_overlapping(records(pool_work(work)), {f"t{i}" for i in range(1, 17)})
 
 
-# Slurm only: tests/e2e/test_unattended.py covers hand-back and follow-ups on every scheduler
-@pytest.mark.parametrize("cluster", ["slurm"], indirect=True)
+# One scheduler: tests/e2e/test_unattended.py covers hand-back and follow-ups on every scheduler
+# (Slurm's one-minute pilots there); Grid Engine counts seconds, so this one takes half a minute
+@pytest.mark.parametrize("cluster", ["sge"], indirect=True)
 def test_a_pilot_at_its_walltime_hands_back_and_a_follow_up_finishes(work, cluster):
     sched, env, res, nodes = cluster
-    # estimates say 10 s; a first attempt really takes 150 s, so the pilot (a couple of
-    # minutes at most) reaches its walltime; the launcher hands the tokens back and `wait`
+    # estimates say 10 s; a first attempt really takes 150 s, so the pilot (30 s at most)
+    # reaches its walltime; the launcher hands the tokens back and `wait`
     # submits a follow-up pilot, where the retry is quick
     work_cmd = 'if [ "$PILOTFLOW_ATTEMPT" = 1 ]; then sleep 150; else sleep 1; fi;'
     bundle(work, sched, res, f'''[[task]]
 name = "t{{i}}"
 command = '{RECORD.format(work=work_cmd)}'
 matrix = {{ i = "1..4" }}
-walltime = "10s"''', "overrun", max_walltime="2m")
+walltime = "10s"''', "overrun", max_walltime="30s")
     cli("submit", "jobs.toml", "--wait", cwd=work, env=env, check=0, timeout=240)
     st = status_json(work, env=env)
     assert st["counts"]["done"] == 4

@@ -227,7 +227,7 @@ def test_a_pilot_killed_while_it_submits_its_successor_loses_nothing_and_submits
     marker = tmp_path / "submitting"
     real = subprocess.run(["sh", "-c", "command -v qsub"], env={**os.environ, **env}, capture_output=True,
                           text=True).stdout.strip()
-    (slow / "qsub").write_text(f'#!/bin/sh\ntouch {marker}\nsleep 15\nexec {real} "$@"\n')
+    (slow / "qsub").write_text(f'#!/bin/sh\ntouch {marker}\nsleep 8\nexec {real} "$@"\n')
     (slow / "qsub").chmod(0o755)
     bundle(work, "sge", 'cores_per_node = 4\nmax_walltime = "45s"\npe = "smp"', 40,
            extra=f'setup = ["PATH={slow}:$PATH"]')
