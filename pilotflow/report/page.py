@@ -26,7 +26,6 @@ it; the hover text says the end was inferred).
 from __future__ import annotations
 
 import heapq
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,42 +37,14 @@ from pilotflow.version import __version__
 from pilotflow.errors import UsageError
 from pilotflow.schedulers.base import FINISHED
 from pilotflow.launcher import write_atomic
+from pilotflow.report.attempts import OUTCOMES, Attempt, attempt_docs, attempts_of
 from pilotflow.report.svg import resample, step_curve
 
-OUTCOMES = ("done", "error", "retried", "lost", "running")
 MAX_STDERR = 20  # failed tokens whose stderr is fetched from the resource
 MAX_FAILURES = 200  # failed tokens listed (the summary counts them all)
 TAIL_LINES = 10
 SLOWEST = 10
 LAG = 2.0  # seconds an attempt's recorded end may trail the start of the next one on its cores
-
-
-@dataclass
-class Attempt:
-    token: str
-    attempt: int
-    outcome: str  # one of OUTCOMES
-    start: float
-    end: float
-    pilot: str
-    agent: int
-    host: str
-    cores: int
-    exit_code: int | None = None
-    reason: str = ""
-    approx: bool = False  # end not observed: bounded by the next attempt's start / its node's end
-    gpus: int = 0
-    lane: int = 0
-    shown_end: float = -1.0  # the end drawn (see pack_lanes); -1: not packed yet
-
-    @property
-    def duration(self) -> float:
-        return max(0.0, self.end - self.start)
-
-    @property
-    def shown(self) -> float:
-        """Seconds drawn: the recorded duration, less the launcher's bookkeeping lag."""
-        return max(0.0, (self.shown_end if self.shown_end >= 0 else self.end) - self.start)
 
 
 @dataclass
@@ -201,12 +172,12 @@ def write_report(record, snap, output, session=None, now: float | None = None) -
 
 def build(record, snap, session=None, now: float | None = None) -> Report:
     now = time.time() if now is None else now
-    tasks = {t.name: t for t in record.tasks()}
-    states: dict[str, dict] = dict(snap.states.items())  # decoded once (a compact mapping, or a dict)
+    cores = record.task_cores()
     agents = getattr(snap, "agents", None) or record.mirror.agents()
     pilots = _pilot_spans(record, agents, now)
-    docs = _attempt_docs(record, states)
-    attempts, unseen = _attempts(docs, states, tasks, pilots, now)
+    docs, retried, extra = attempt_docs(record, snap.states)
+    attempts, unseen = attempts_of(docs, cores, pilots, now)
+    del docs
     rows = _rows(pilots, agents, attempts, now)
     for row in rows:
         row.lanes = pack_lanes(row.attempts, row.cores)
@@ -232,12 +203,10 @@ def build(record, snap, session=None, now: float | None = None) -> Report:
         pilots=sorted(pilots.values(), key=lambda p: _natural(p.id)), t0=t0, t1=t1,
         makespan=(max(a.end for a in attempts) - min(a.start for a in attempts)) if attempts else 0.0,
         used_core_s=used, done_core_s=sum(a.cores * a.shown for a in attempts if a.outcome == "done"),
-        charged_core_s=charged,
-        retried_tokens=sum(1 for d in states.values() if int(d.get("attempt") or 0) > 1),
-        extra_attempts=sum(max(0, int(d.get("attempt") or 0) - 1) for d in states.values()),
+        charged_core_s=charged, retried_tokens=retried, extra_attempts=extra,
         busy=resample(*busy, t0, t1), allocated=resample(*allocated, t0, t1),
         peak_busy=int(max(busy[1], default=0)), slowest=_slowest(attempts),
-        failures=_failures(record, states, tasks, session), outcome_counts=outcome_counts,
+        failures=_failures(record, snap.states, session), outcome_counts=outcome_counts,
         unseen_attempts=unseen, used_gpu_s=sum(a.gpus * a.shown for a in attempts),
         charged_gpu_s=sum(p.charged_gpu_s for p in pilots.values()))
 
@@ -269,94 +238,6 @@ def _pilot_spans(record, agents: dict, now: float) -> dict[str, PilotSpan]:
         p.start = a["start"] if p.start is None else min(p.start, a["start"])
         p.end = end if p.end is None else max(p.end, end)
     return out
-
-
-def _attempt_docs(record, states: dict) -> dict[str, dict[int, dict]]:
-    """Every attempt's most telling record: the journal's history, the earlier attempts each
-    state keeps (``history``), then the current states.
-    The first record of an attempt that has ended wins (a later scrub of an error does not
-    hide that it failed); a record with an end beats a running (locked) one."""
-    docs: dict[str, dict[int, dict]] = {}
-
-    def add(doc: dict) -> None:
-        name = doc.get("token")
-        if not name:
-            return
-        n = int(doc.get("attempt") or 0)
-        cur = docs.setdefault(name, {}).get(n)
-        if cur is None or not _ended(cur):
-            docs[name][n] = doc
-
-    try:
-        with open(record.mirror.journal, "rb") as f:
-            for line in f:
-                try:
-                    add(json.loads(line))
-                except ValueError:
-                    continue  # a torn last record
-    except FileNotFoundError:
-        pass
-    for name, doc in states.items():
-        for old in doc.get("history") or ():  # earlier attempts no sync saw end, as the pool kept them
-            add(dict(old, token=name))
-        add(dict(doc, token=name))
-    return docs
-
-
-def _ended(doc: dict) -> bool:
-    return doc.get("state") != "locked" and doc.get("end") is not None
-
-
-def _outcome(doc: dict, nxt: dict | None) -> str:
-    st = doc.get("state")
-    if st in ("done", "error"):
-        return st
-    if st == "todo":
-        if doc.get("exit_code") is not None:
-            return "retried"
-        return "error" if str(doc.get("reason", "")).startswith("scrubbed") else "lost"
-    if nxt is None:
-        return "running"
-    for key, outcome in (("failures", "retried"), ("scrubs", "error"), ("lost", "lost")):
-        if int(nxt.get(key) or 0) > int(doc.get(key) or 0):
-            return outcome
-    return "lost"
-
-
-def _attempts(docs, states, tasks, pilots, now) -> tuple[list[Attempt], int]:
-    out: list[Attempt] = []
-    unseen = 0
-    for name, by_n in docs.items():
-        cores = tasks[name].cores if name in tasks else 1
-        last = max(int((states.get(name) or {}).get("attempt") or 0), max(by_n))
-        unseen += sum(1 for k in range(1, last + 1) if k not in by_n)
-        ns = sorted(by_n)
-        for i, n in enumerate(ns):
-            doc = by_n[n]
-            if doc.get("start") is None or n == 0:
-                continue  # never ran (a dependency failed) or a todo that never started
-            nxt = by_n[ns[i + 1]] if i + 1 < len(ns) else None
-            pilot, agent = str(doc.get("pilot") or "?"), int(doc.get("agent") or 0)
-            outcome = _outcome(doc, nxt)
-            p = pilots.get(pilot)
-            node_end = p.end if p is not None and p.state in FINISHED else None
-            start, approx = float(doc["start"]), False
-            if _ended(doc):
-                end = float(doc["end"])
-                if outcome == "lost" and node_end is not None:
-                    end = min(end, node_end)  # handed back after its node was gone
-            elif outcome == "running":
-                end = now if node_end is None else min(now, node_end)
-            else:
-                bounds = [b for b in (doc.get("returned"), (nxt or {}).get("start"), node_end) if b is not None]
-                if not bounds:
-                    continue
-                end, approx = min(bounds), True
-            code = doc.get("exit_code")
-            out.append(Attempt(name, n, outcome, start, max(start, end), pilot, agent, str(doc.get("host") or "?"),
-                               cores, int(code) if code is not None else None, str(doc.get("reason") or ""), approx,
-                               gpus=len(doc.get("gpus") or ())))
-    return out, unseen
 
 
 def _rows(pilots: dict[str, PilotSpan], agents: dict, attempts: list[Attempt], now: float) -> list[Row]:
@@ -431,22 +312,25 @@ def _slowest(attempts: list[Attempt]) -> list[Attempt]:
     return heapq.nlargest(SLOWEST, latest.values(), key=lambda a: (a.duration, a.token))
 
 
-def _failures(record, states, tasks, session) -> list[Failure]:
+def _failures(record, states, session) -> list[Failure]:
     out = []
     fetched = 0
-    for name in sorted(n for n, d in states.items() if d.get("state") == "error")[:MAX_FAILURES]:
+    owners = None
+    for name in sorted(states.names_in("error"))[:MAX_FAILURES]:
         d = states[name]
         n = int(d.get("attempt") or 0)
         tail = None
         if d.get("start") is not None and n > 0:
             path = record.directory / "logs" / f"{name}.{n}.err"
-            if not path.exists() and session is not None and fetched < MAX_STDERR and name in tasks:
-                fetched += 1
-                try:
-                    from pilotflow.run.sync import fetch_logs
-                    fetch_logs(session, name, n, tasks[name].resource, d)
-                except Exception:  # noqa: BLE001 - a missing log must not stop the report
-                    pass
+            if not path.exists() and session is not None and fetched < MAX_STDERR:
+                owners = record.owners() if owners is None else owners
+                if name in owners:
+                    fetched += 1
+                    try:
+                        from pilotflow.run.sync import fetch_logs
+                        fetch_logs(session, name, n, owners[name], d)
+                    except Exception:  # noqa: BLE001 - a missing log must not stop the report
+                        pass
             if path.exists():
                 lines = path.read_text(errors="replace").rstrip("\n").splitlines()
                 tail = "\n".join(lines[-TAIL_LINES:])

@@ -98,6 +98,20 @@ class States(Mapping):
             out.append((name, doc))
         return out
 
+    def each(self):
+        """(name, document) pairs, one at a time: a million-token report holds no list of them."""
+        if self._raw is not None:
+            for n in list(self._raw):
+                yield n, self[n]
+            return
+        with self._lock:
+            cur = self._db.execute("SELECT name, raw FROM s")
+            while rows := cur.fetchmany(2000):
+                for name, raw in rows:
+                    doc = json.loads(raw)
+                    doc.pop("token", None)
+                    yield name, doc
+
     def raws(self):
         """Every record, as the history holds them."""
         if self._raw is not None:

@@ -131,8 +131,22 @@ class RunRecord:
         if resources is not None:
             for d, r in zip(rows, resources):
                 d["resource"] = r
-        write_atomic(str(self.directory / "tasks.json"), dump(rows))
+        self.save_task_rows(rows)
         self.save_owners(dict(zip((d["name"] for d in rows), (d["resource"] for d in rows))))
+
+    def save_task_rows(self, rows: list[dict]) -> None:
+        """tasks.json, and beside it the cores of the tasks of more than one core."""
+        write_atomic(str(self.directory / "tasks.json"), dump(rows))
+        write_atomic(str(self.directory / "cores.json"),
+                     dump({d["name"]: d["cores"] for d in rows if d.get("cores", 1) != 1}))
+
+    def task_cores(self) -> dict[str, int]:
+        """Token → cores, for the tasks of more than one core (the report's bars): a small
+        file of its own, so a million-token report need not decode every task."""
+        doc = read_json(str(self.directory / "cores.json"))
+        if doc is None:  # a run made before cores.json existed
+            return {t.name: t.cores for t in self.tasks() if t.cores != 1}
+        return doc
 
     def owners(self) -> dict[str, str]:
         """Token name → the resource whose pool holds it, in task order. Read from a small

@@ -29,7 +29,6 @@ next poll.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import threading
@@ -494,7 +493,5 @@ class OpenRun:
 
     def _save_tasks(self) -> None:
         self.tasks_saved = time.time()
-        from pilotflow.launcher import write_atomic
-        data = json.dumps([task_to_dict(t) for t in self.tasks.values()], separators=(",", ":")).encode()
-        write_atomic(str(self.record.directory / "tasks.json"), data)
+        self.record.save_task_rows([task_to_dict(t) for t in self.tasks.values()])
         self.record.save_owners({n: t.resource for n, t in self.tasks.items()})
