@@ -293,6 +293,8 @@ def _resolve_after(tasks: list[Task], pb: Problems) -> list[Task]:
             pb.add(t.origin + ("name",), f"duplicate task name '{t.name}' after expansion{also}")
         else:
             seen[t.name] = t
+    if not any(t.after for t in tasks):
+        return tasks
     resolver = AfterResolver(list(seen))
     out = []
     reported: set[tuple] = set()

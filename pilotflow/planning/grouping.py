@@ -37,23 +37,32 @@ def build_groups(tasks: list[Task], indices: list[int],
 
     Returns the groups (in rank order, rank = list position) and task index → group id.
     """
-    by_name = {tasks[i].name: i for i in indices}
-    succ: dict[int, list[int]] = {i: [] for i in indices}
-    for i in indices:
+    # names and successors only where there are dependencies: a million independent tasks
+    # of one matrix need neither a name index nor a list each
+    linked = any(tasks[i].after for i in indices)
+    by_name = {tasks[i].name: i for i in indices} if linked else {}
+    succ: dict[int, list[int]] = {}
+    for i in indices if linked else ():
         for d in tasks[i].after:
             j = by_name.get(d)
             if j is not None:
-                succ[j].append(i)
+                succ.setdefault(j, []).append(i)
     key_of: dict[tuple, int] = {}
     groups: list[Group] = []
     gid_of: dict[int, int] = {}
+    none: frozenset = frozenset()
+    shapes: dict[tuple, tuple] = {}  # a task's own fields -> its group's (cores, nodes, gpus)
     for i in indices:
         t = tasks[i]
-        deps = frozenset(by_name[d] for d in t.after if d in by_name)
-        k = task_nodes(t, cores_per_node)
-        cores = cores_per_node if k > 1 and cores_per_node else t.cores
-        gpus = 0 if k > 1 else t.gpus
-        key = (cores, t.walltime_s, t.memory_mb or 0, k, gpus, deps, frozenset(succ[i]))
+        own = (t.cores, t.nodes, t.gpus, t.mpi, t.ranks_per_node)
+        got = shapes.get(own)
+        if got is None:
+            k = task_nodes(t, cores_per_node)
+            got = shapes[own] = (cores_per_node if k > 1 and cores_per_node else t.cores, k, 0 if k > 1 else t.gpus)
+        cores, k, gpus = got
+        deps = frozenset(by_name[d] for d in t.after if d in by_name) if t.after else none
+        after = succ.get(i)
+        key = (cores, t.walltime_s, t.memory_mb or 0, k, gpus, deps, frozenset(after) if after else none)
         g = key_of.get(key)
         if g is None:
             g = key_of[key] = len(groups)

@@ -249,8 +249,16 @@ def _plan_stage(bundle: Bundle, res: Resource, groups: list[Group], margin: floa
     counts, sizes, overflow = repair(st, counts, sizes)
     pilots = []
     per_pilot = members(groups, counts + [overflow])
+    used: dict[tuple, int] = {}  # per task shape: a million tasks are a few shapes
+
+    def cores_of(t: Task) -> int:
+        key = (t.cores, t.nodes, t.mpi, t.gpus)
+        c = used.get(key)
+        if c is None:
+            c = used[key] = _cores_used(t, res)
+        return c
     for mine, s in zip(per_pilot, sizes):
-        busy = sum(_cores_used(tasks[i], res) * tasks[i].walltime_s for i in mine)
+        busy = sum(cores_of(tasks[i]) * tasks[i].walltime_s for i in mine)
         gpus = res.gpus_per_node if any(tasks[i].gpus for i in mine) else 0
         pilots.append(PilotPlan(id="", resource=res.name, nodes=s.nodes, cores_per_node=res.cores_per_node,
                                 walltime_s=s.walltime, makespan_s=s.span, tasks=mine, busy_core_s=busy,
