@@ -100,7 +100,7 @@ def attempt_docs(record, states) -> tuple[dict[str, dict[int, Rec]], int, int]:
                     doc = json.loads(line)
                 except ValueError:
                     continue  # a torn last record
-                if doc.get("token"):
+                if isinstance(doc, dict) and isinstance(doc.get("token"), str) and doc["token"]:
                     add(sys.intern(doc["token"]), doc)
     except FileNotFoundError:
         pass
