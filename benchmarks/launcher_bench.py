@@ -8,7 +8,7 @@ kept (this machine is shared and noisy: compare the ratios, not the absolute rat
   xargs       seq N | xargs -P CORES -n1 sh -c true     (the fork/exec ceiling)
   pilotflow   `pilotflow submit bundle.toml --wait` of N `true` tasks on the local resource,
               timed end to end through the CLI (planning, pool, pilot start, sync included),
-              with one state file per token (the pool's only per-token file; output packed)
+              with one state file per token (the pool's only per-token file, a symlink; output packed)
   launcher    the same pilot's launcher alone, timed from its start to its exit
   hyperqueue  HyperQueue's Python API: LocalCluster + one worker (all cores), one Job of N
               `sh -c true` programs (stdout/stderr to a file per task, its default), timed
@@ -50,7 +50,8 @@ def bench_pilotflow(n: int, cores: int) -> tuple[float, float, int]:
         end = json.loads((pool / "agents" / "p1.0.end").read_text())
         states = sum(len(os.listdir(shard)) for shard in (pool / "state").iterdir())
         assert states == n, f"{states} state files for {n} tokens"
-        files = sum(1 for f in pool.rglob("*") if f.is_file())
+        # files of every kind but directories (a token's state is a symlink: `find POOL ! -type d`)
+        files = sum(1 for f in pool.rglob("*") if f.is_symlink() or not f.is_dir())
         return e2e, n / (end["end"] - agent["start"]), files
     finally:
         shutil.rmtree(d, ignore_errors=True)

@@ -71,12 +71,11 @@ def main() -> None:
         now = time.time()
         for i in range(1, n + 1):  # every token done, as a finished run leaves them
             name = f"t{i}"
-            fd = pool.claim(name, 1, dump({"token": name, "state": "locked", "attempt": 1, "pilot": "p1", "agent": 0}),
-                            keep=True)  # as a launcher does: the claim, then its result appended
-            pool.append(fd, name, {"token": name, "state": "done", "attempt": 1, "exit_code": 0, "pilot": "p1",
+            handle = pool.claim(name, 1, dump({"token": name, "state": "locked", "attempt": 1, "pilot": "p1",
+                                               "agent": 0}), keep=True)  # as a launcher does: the claim,
+            pool.append(handle, name, {"token": name, "state": "done", "attempt": 1, "exit_code": 0, "pilot": "p1",
                                    "agent": 0, "host": "node", "start": now, "end": now + 1,
-                                   "log": ["p1.0.0", 0, 0, 0, 0]})
-            os.close(fd)
+                                   "log": ["p1.0.0", 0, 0, 0, 0]})  # then its result renamed over it
         fill = time.perf_counter() - t
         files = sum(len(os.listdir(s)) for s in (pool_dir / "state").iterdir())
         took, rss, _ = cli(d, "status", run)

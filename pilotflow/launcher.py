@@ -11,12 +11,16 @@ Pool layout (``POOL`` = ROOT/RUN on the resource's shared filesystem)::
     defs/NNNNNN.json         token definitions, in batches; never rewritten (new batches may appear)
     plans/PILOT.json         a pilot's planned tokens (in order) and its stage
     state/SS/TOKEN.N         THE file of TOKEN (SS: a hash of its name, so that no directory
-                             holds more than ~256 on average): created exclusively (O_EXCL) by
-                             the claim of attempt N, holding its lock record (pilot, host,
-                             start, where its output goes) as a line; the holder appends the
-                             attempt's result as the next line (the last complete line is the
-                             state), anyone else rewrites it (tmp + rename); removed by the
-                             claim of attempt N+1
+                             holds more than ~256 on average): created exclusively by the
+                             claim of attempt N as a hard link to the claimer's journal, where
+                             its lock record (pilot, host, start, where its output goes) and
+                             then the attempt's result follow as lines (the state: the
+                             journal's last record of TOKEN); anyone else rewrites it as a
+                             regular file of its own (tmp + rename); removed by the claim of
+                             attempt N+1. (A regular file created exclusively, the result
+                             appended, where the filesystem refuses hard links.)
+    journals/HOST.PID[.K]    a process's records, one per line, appended; the states of the
+                             tokens linked to it (a new one every 10,000 claims)
     state/SS/TOKEN.N.x       attempt N was handed back (whoever created this wrote the todo)
     returns/HOST.PID         lines "TOKEN N": tokens a process handed back or retried (wakes
                              idle pilots); one append-only file per process
@@ -33,14 +37,18 @@ Pool layout (``POOL`` = ROOT/RUN on the resource's shared filesystem)::
     cancelled                the user cancelled the run: nobody submits follow-ups
 
 States are PiCaS's: ``todo`` (no state file also means todo), ``locked``, ``done``, ``error``.
-A token runs only after its file for the next attempt was created exclusively, so no token
-runs twice at the same time whatever the number of pilots and nodes; that file is the
-``locked`` record and then the attempt's result, so a task costs one exclusive create (file
-creates are what a parallel filesystem's metadata server pays for), one append to the file
-its claimer keeps open, and one removal at the next attempt; the pool holds one file per
-token. A reader that meets a half-written result line reads the lock line before it. Other
-writers (hand-backs, retries) rewrite with tmp-file + rename (atomic on POSIX filesystems, NFS
-and Lustre included); nothing is fsynced on the hot path.
+A token runs only after its file for the next attempt was created exclusively (a hard link
+fails if the name exists, as an O_EXCL create does), so no token runs twice at the same time
+whatever the number of pilots and nodes. That file is a name for its claimer's journal, so a
+task costs one link (a directory entry: no inode, no data block, no object on a parallel
+filesystem's storage servers; on this VM's ext4 a link costs 5-20 us where a file's create
+costs 60-300), two appends to a file the launcher keeps open, and one removal at the next
+attempt: the pool holds one file per token and a few inodes in all (inode quotas count
+those). A reader finds a token's record in the journal its file links to (one read of each
+journal, then only its new part: a sync reads what was appended since the last one, not a
+file per token); a half-written line is skipped. Other writers (hand-backs, retries) rewrite
+a token's file with tmp-file + rename (atomic on POSIX filesystems, NFS and Lustre included);
+nothing is fsynced on the hot path.
 
 Commands: ``run`` (be a pilot's node agent) and helpers the client calls, locally or over
 SSH, in one round trip each: ``changes``, ``scrub``, ``move``, ``round``, ``info``.
@@ -62,6 +70,7 @@ import random
 import select
 import signal
 import socket
+import stat
 import sys
 import time
 import zlib
@@ -90,7 +99,13 @@ def _write_all(fd, data):
 def write_atomic(path, data):
     """Write bytes so that readers see the old file or the new one, never a part."""
     tmp = "%s.%d.tmp" % (path, os.getpid())
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except OSError as e:
+        if e.errno != errno.EEXIST:
+            raise
+        os.unlink(tmp)  # a leftover of a crashed process that had our pid (a link there, say:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)  # never written through)
     try:
         view = memoryview(data)
         while view:
@@ -172,16 +187,24 @@ def shard_width(tokens):
 class Pool(object):
     """A run's token pool on a (shared) filesystem."""
 
-    SUBDIRS = ("defs", "plans", "state", "returns", "agents", "logs", "work", "followups", "pilots")
+    SUBDIRS = ("defs", "plans", "state", "journals", "returns", "agents", "logs", "work", "followups", "pilots")
     CONDITIONAL = False  # whether the holder's result write fails by itself once its attempt was handed back
     STEAL_SPREAD = 1  # thieves pick at random among this many tokens at the back (1: the very last)
-    FORMAT = 3  # 2: one state file per token (the claim is its creation), packed logs; 3: results appended to the claim
+    FORMAT = 4  # 2: one state file per token (the claim is its creation), packed logs; 3: results appended
+    # to the claim; 4: a claim is a hard link to its launcher's journal, which holds the records
+    JOURNAL_LINKS = 10000  # claims linked to one journal before the next one: under every filesystem's
+    # limit of links per file (ext4 and Lustre: 65,000) and a small first read for a reader
 
     def __init__(self, root):
         self.root = os.path.abspath(root)
         self.meta = read_json(os.path.join(self.root, "run.json")) or {}
         self._width = None  # hex digits of the state directories' names
         self._shards = {}  # hash → state directory (those used so far)
+        self._jw = None  # the journal this process writes: [fd, path, links made, pid, number]
+        self._jfds = []  # all journals this process opened (results go to the one of their claim)
+        self._jtorn = set()  # journal descriptors whose last write failed (maybe half a line)
+        self._jread = {}  # journal inode → [bytes read, {token: offset of its last record}]
+        self._links = True  # False once this filesystem refused a hard link
 
     def path(self, *parts):
         return os.path.join(self.root, *parts)
@@ -240,12 +263,17 @@ class Pool(object):
         return out
 
     # reading a token's state ---------------------------------------------------------------
-    # state/SHARD/NAME.N is the one file of token NAME: created exclusively by the claim of
-    # attempt N (its lock record, a line), its holder appends the attempt's result as a second
-    # line (one create per attempt: on parallel filesystems creates are the expensive part);
-    # anyone else rewrites it whole (tmp + rename); the claim of attempt N+1 removes it.
-    # The last complete line is the state. NAME.N.x marks attempt N as handed back. No file:
-    # todo, unclaimed.
+    # state/SHARD/NAME.N is the one file of token NAME, created exclusively by the claim of
+    # attempt N: a hard link to its launcher's journal (journals/HOST.PID[.K], that process's
+    # append-only file of records), made before the attempt's lock record is appended there;
+    # the holder appends the result. The token's state is the journal's last record of NAME
+    # (a link without one yet: locked, the claim being written). So a task costs no inode:
+    # a link (a directory entry) and two appends, and the pool holds one file per token but
+    # a few inodes in all. Anyone else rewrites the state as a regular file of its own (tmp +
+    # rename over the link), holding the record; the claim of attempt N+1 removes it. Where a
+    # filesystem refuses hard links, the claim is a regular file created exclusively with the
+    # lock record, the result appended as its next line (the last complete line is the
+    # state). NAME.N.x marks attempt N as handed back. No file: todo, unclaimed.
 
     def shard(self, name):
         """The state directory of a token (a hash of its name: no directory grows too big)."""
@@ -287,18 +315,42 @@ class Pool(object):
             return {"token": name, "state": TODO, "attempt": 0, "failures": 0}
         return self._read(name, n, self._file(name, n))
 
-    def _read(self, name, n, path, depth=0):
-        doc = read_record(path)
-        if not isinstance(doc, dict) or doc.get("token") != name or doc.get("state") not in STATES:
+    def _read(self, name, n, path, depth=0, st=None, ino=None, known=None):
+        """``st``: the file's lstat, if known; ``ino``: instead, the inode of the journal it
+        links to (known from a listing), and ``known`` that journal's records by token, if
+        they were just read."""
+        if ino is None:
             try:
-                st = os.stat(path)
-            except OSError:  # superseded while we looked (a newer attempt was claimed): look again
+                st = st or os.lstat(path)
+            except OSError:
+                st = None
+        if ino is not None or (st is not None and st.st_nlink > 1):  # a claim linked to a journal
+            if known is not None:
+                doc = known.get(name)
+            else:
+                doc = self._journal_record(path, ino or st.st_ino, 0 if ino else st.st_size, name)
+            if isinstance(doc, dict) and int(doc.get("attempt") or 0) < n:
+                doc = None  # (its last record there is of an earlier attempt)
+            if doc is None and st is None:
+                try:
+                    st = os.lstat(path)
+                except OSError:
+                    pass
+            if doc is None and st is not None and time.time() - st.st_mtime < self.lock_timeout():
+                return {"token": name, "state": LOCKED, "attempt": n}  # its lock record is being written
+        else:
+            doc = read_record(path) if st is not None else None
+        if isinstance(doc, dict) and doc.get("token") == name and int(doc.get("attempt") or n) > n:
+            doc = None  # the journal's record is of a newer attempt: ours was superseded
+            st = None
+        if not isinstance(doc, dict) or doc.get("token") != name or doc.get("state") not in STATES:
+            if st is None:  # superseded while we looked (a newer attempt was claimed): look again
                 if depth < 5:
                     newer = self.latest(name)
-                    if newer:
+                    if newer > n or (newer == n and depth == 0):
                         return self._read(name, newer, self._file(name, newer), depth + 1)
                 return {"token": name, "state": LOCKED, "attempt": n + 1}
-            if st.st_size == 0 and time.time() - st.st_mtime < self.lock_timeout():
+            if stat.S_ISREG(st.st_mode) and st.st_size == 0 and time.time() - st.st_mtime < self.lock_timeout():
                 return {"token": name, "state": LOCKED, "attempt": n}  # its claim is being written
             return {"token": name, "state": TODO, "attempt": n, "failures": 0,
                     "reason": "state file was unreadable"}
@@ -307,16 +359,122 @@ class Pool(object):
             doc.update(state=TODO, reason=doc.get("reason") or "handed back")  # its releaser died mid-way
         return doc
 
-    def states(self, since=None):
-        """Every token that has a file (name → state), or only those changed at or after
-        ``since`` (filesystem time). Unchanged shard directories are skipped whole: a claim, a
-        rewrite and a hand-back change their directory's mtime, an appended result touches it."""
+    # journals ------------------------------------------------------------------------------
+    def _journal_tail(self, path, ino):
+        """Read a journal (through any of its names) from where this process stopped: the
+        records of its new complete lines, indexed by token. Returns them in order."""
+        ent = self._jread.get(ino)
+        if ent is None:
+            ent = self._jread[ino] = [0, {}]
+        try:
+            with open(path, "rb") as f:
+                f.seek(ent[0])
+                data = f.read()
+        except OSError:
+            return []
+        out = []
+        pos, index = ent[0], ent[1]
+        end = data.rfind(b"\n") + 1
+        start = 0
+        while start < end:
+            nl = data.index(b"\n", start)
+            try:
+                doc = json.loads(data[start:nl].decode("utf-8"))
+            except ValueError:
+                doc = None  # a line its writer could not finish (a full disk), then went on
+            if isinstance(doc, dict) and isinstance(doc.get("token"), str):
+                index[doc["token"]] = pos + start
+                out.append(doc)
+            start = nl + 1
+        ent[0] = pos + end
+        return out
+
+    def _journal_record(self, path, ino, size, name):
+        """The last record of ``name`` in the journal ``path`` links to (None: none yet)."""
+        ent = self._jread.get(ino)
+        if ent is None or ent[0] < size:
+            self._journal_tail(path, ino)
+            ent = self._jread[ino]
+        off = ent[1].get(name)
+        if off is None and len(ent) > 2:  # read from a sync's cursor only: the record may be before it
+            del self._jread[ino]
+            self._journal_tail(path, ino)
+            off = self._jread[ino][1].get(name)
+        if off is None:
+            return None
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            return None
+        try:
+            data = b""
+            while not data.endswith(b"\n"):
+                more = os.pread(fd, 65536, off + len(data))
+                if not more:
+                    break
+                data += more[:more.find(b"\n") + 1] if b"\n" in more else more
+        finally:
+            os.close(fd)
+        try:
+            return json.loads(data.decode("utf-8"))
+        except ValueError:
+            return None
+
+    def journals(self):
+        """The pool's journals: [(path, inode, mtime)]."""
+        out = []
+        try:
+            for e in os.scandir(self.path("journals")):
+                try:
+                    out.append((e.path, e.inode(), e.stat(follow_symlinks=False).st_mtime))
+                except OSError:
+                    continue
+        except OSError:
+            pass
+        return out
+
+    def states(self, since=None, journals=None):
+        """Every token that has a file (name → state), or only those changed since the
+        cursor: at or after ``since`` (filesystem time) for rewritten states (regular files:
+        unchanged shard directories are skipped whole), and the new records of the journals
+        after ``journals`` ({journal name: bytes read}; without it, every record of a journal
+        modified since ``since``). Each journal is read once, not a file per token."""
+        return self.scan(since, journals)[0]
+
+    def scan(self, since=None, journals=None):
+        """``states``, and how far each journal was read ({name: bytes}, for the next call):
+        read before the state directories, as a claim's link comes before its record. (A
+        full scan keeps the records it read, once per token: the states it returns.)"""
         out = {}
+        linked = {}  # journal inode → its last records by token, if read whole now
+        offsets = {}
+        hints = {}
+        for path, ino, mtime in self.journals():
+            linked[ino] = None
+            if since is not None and journals is not None:  # from where the last look stopped
+                start = int(journals.get(os.path.basename(path), 0))
+                self._jread[ino] = [start, {}] + ([start] if start else [])
+                for doc in self._journal_tail(path, ino):
+                    out[doc["token"]] = None  # changed: its current state is looked up below
+                    hints[doc["token"]] = doc.get("attempt")
+            elif since is not None:  # by time: every token of a journal modified since
+                if mtime >= since:
+                    self._journal_tail(path, ino)
+                    for name in self._jread[ino][1]:
+                        out[name] = None
+            else:
+                if len(self._jread.get(ino, ())) > 2 or ino not in self._jread:
+                    self._jread.pop(ino, None)  # (read from a cursor only: read it whole)
+                    linked[ino] = dict((d["token"], d) for d in self._journal_tail(path, ino))
+                else:
+                    self._journal_tail(path, ino)  # (known before: its new part only)
+            if ino in self._jread:
+                offsets[os.path.basename(path)] = self._jread[ino][0]
         top = self.path("state")
         try:
             shards = os.listdir(top)
         except OSError:
-            return out
+            shards = []
         for sd in shards:
             d = os.path.join(top, sd)
             if since is not None:
@@ -341,14 +499,22 @@ class Pool(object):
                 if n > newest.get(name, (0, None))[0]:
                     newest[name] = (n, e)
             for name, (n, e) in newest.items():
-                if since is not None:
-                    try:
-                        if e.stat().st_mtime < since and e.name not in marked:
-                            continue
-                    except OSError:
+                try:
+                    ino = e.inode()
+                    if ino in linked:  # a claim linked to a journal: its record is in there
+                        if since is not None and e.name not in marked:
+                            continue  # (and so are its changes)
+                        out[name] = self._read(name, n, e.path, ino=ino, known=linked[ino])
                         continue
-                out[name] = self._read(name, n, e.path)
-        return out
+                    st = e.stat(follow_symlinks=False)
+                    if since is not None and e.name not in marked and (st.st_nlink > 1 or st.st_mtime < since):
+                        continue  # (linked to a journal made after the listing: next time)
+                except OSError:
+                    continue
+                out[name] = self._read(name, n, e.path, st=st)
+        for name in [k for k, v in out.items() if v is None]:
+            out[name] = self.state(name, hint=hints.get(name))
+        return out, offsets
 
     def agents(self):
         """Launcher records with their heartbeat (mtime) and end marker, if any."""
@@ -378,35 +544,63 @@ class Pool(object):
     def claim(self, name, attempt, record, keep=False):
         """Create the token's file for ``attempt`` exclusively, holding ``record``: True if the
         attempt is ours now. The previous attempt's files go (one file per token). With
-        ``keep``, the open file (a descriptor) instead of True: the holder appends the
-        attempt's result to it (``append``) rather than creating another file."""
+        ``keep``, a handle instead of True, through which ``append`` writes the result."""
         path = self._file(name, attempt)
+        journal = self._journal() if self._links else None
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            if journal is None:
+                return self._claim_file(name, attempt, record, keep)
+            os.link(journal[1], path)
         except OSError as e:
             if e.errno == errno.EEXIST:
                 return False
-            if e.errno != errno.ENOENT:
+            if e.errno == errno.ENOENT:
+                if os.path.isdir(os.path.dirname(path)):
+                    journal[2] = self.JOURNAL_LINKS  # our journal was removed: a new one
+                else:
+                    mkdirs(os.path.dirname(path))
+            elif e.errno == errno.EMLINK:
+                journal[2] = self.JOURNAL_LINKS  # full: the next one
+            elif e.errno in (errno.EPERM, errno.EXDEV, errno.EOPNOTSUPP, errno.ENOSYS):
+                self._links = False  # no hard links here: claims are files of their own
+            else:
                 raise
-            mkdirs(os.path.dirname(path))
             return self.claim(name, attempt, record, keep)
+        journal[2] += 1
+        if os.path.exists(self._file(name, attempt + 1)):
+            # a newer attempt exists (its claim removed this one's file before we came):
+            # our view was old; that attempt, not ours, is the token's
+            os.unlink(path)
+            return False
+        try:
+            self._journal_write(journal[0], record)
+        except OSError:
+            os.unlink(path)  # (a full disk: undone, nobody else can hold this attempt yet)
+            raise
+        self._drop_previous(name, attempt)
+        return (journal[0], name, attempt) if keep else True
+
+    def _claim_file(self, name, attempt, record, keep):
+        """A claim where hard links cannot be: a file of its own, created exclusively."""
+        path = self._file(name, attempt)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
             _write_all(fd, record + b"\n")
         except OSError:
-            # the claim exists but its record could not be written (a full disk): undo it,
-            # nobody else can hold this attempt yet
             os.close(fd)
             os.unlink(path)
             raise
         if not keep:
             os.close(fd)
         if os.path.exists(self._file(name, attempt + 1)):
-            # a newer attempt exists (its claim removed this one's file before we came):
-            # our view was old; that attempt, not ours, is the token's
             if keep:
                 os.close(fd)
             os.unlink(path)
             return False
+        self._drop_previous(name, attempt)
+        return fd if keep else True
+
+    def _drop_previous(self, name, attempt):
         if attempt > 1:  # (a first attempt has nothing before it, but for the rare error written
             # for a token whose dependency failed, which a retry then claims: a stale NAME.0 stays)
             for old in (self._file(name, attempt - 1), self._file(name, attempt - 1, ".x")):
@@ -414,21 +608,50 @@ class Pool(object):
                     os.unlink(old)
                 except OSError:
                     pass
-        return fd if keep else True
+
+    def _journal(self):
+        """[fd, path, links, pid]: the journal this process appends to, a new one after
+        JOURNAL_LINKS claims (and in a forked child)."""
+        jw = self._jw
+        if jw is None or jw[2] >= self.JOURNAL_LINKS or jw[3] != os.getpid():
+            k = 0 if jw is None or jw[3] != os.getpid() else jw[4] + 1
+            path = self.path("journals", "%s.%d%s" % (socket.gethostname(), os.getpid(), ".%d" % k if k else ""))
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            self._jfds.append(fd)
+            jw = self._jw = [fd, path, 0, os.getpid(), k]
+        return jw
+
+    def _journal_write(self, fd, record):
+        """One record, one line: after a failed write (a full disk) a newline first, so that
+        what it left of a line stays a line of its own, which readers skip."""
+        data = record + b"\n"
+        if fd in self._jtorn:
+            data = b"\n" + data
+        try:
+            _write_all(fd, data)
+        except OSError:
+            self._jtorn.add(fd)
+            raise
+        self._jtorn.discard(fd)
 
     def flush(self):
         """Write what is held back (nothing: every file write is made at once)."""
         return {}
 
-    def append(self, fd, name, doc, later=False):
-        """The holder's result for the attempt it claimed with ``keep``: a line after the lock
-        record (a reader that sees it half-written still reads the lock line). The shard
-        directory is touched: incremental scans skip directories that did not change."""
-        _write_all(fd, dump(doc) + b"\n")
+    def append(self, handle, name, doc, later=False):
+        """The holder's result for the attempt it claimed with ``keep``: a line in the journal
+        its claim links to (a reader that sees it half-written still reads the lock record), or
+        after the lock line of a claim of its own (whose directory is touched: incremental
+        scans skip directories that did not change)."""
+        if isinstance(handle, tuple):
+            self._journal_write(handle[0], dump(doc))
+            return True
+        _write_all(handle, dump(doc) + b"\n")
         try:
             os.utime(self.shard(name))
         except OSError:
             pass
+        return True
 
     def put(self, name, doc):
         """Rewrite the record of the attempt ``doc`` is about (tmp + rename: atomic)."""
@@ -537,10 +760,17 @@ class Pool(object):
         return fs_now(self.path("agents"))
 
     def changes(self, since):
-        """(cursor, states changed since ``cursor``): states re-read from 2 s before the last
-        look (coarse filesystem clocks); the cursor is the filesystem's time."""
+        """(cursor, states changed since ``cursor``): rewritten states re-read from 2 s before
+        the last look (coarse filesystem clocks), journals from where the last look stopped.
+        The cursor: {"t": the filesystem's time, "j": {journal: bytes read}}."""
         now = self.now()
-        return now, self.states(since=None if since is None else since - 2.0)
+        if since is None:
+            out, offsets = self.scan()
+        else:
+            if not isinstance(since, dict):
+                since = {"t": since}
+            out, offsets = self.scan(float(since.get("t") or 0) - 2.0, since.get("j") or {})
+        return {"t": now, "j": offsets}, out
 
     def defs_count(self):
         return len(os.listdir(self.path("defs")))
@@ -569,8 +799,9 @@ class Pool(object):
             out.extend(line.split(b" ")[0].decode("utf-8", "replace") for line in data.splitlines() if line)
         return out
 
-    def close_claim(self, fd):
-        os.close(fd)
+    def close_claim(self, handle):
+        if not isinstance(handle, tuple):
+            os.close(handle)
 
     def current(self, tokens):
         """[(token, its current state)] for launcher tokens (a look at each one's file)."""

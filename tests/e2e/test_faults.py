@@ -86,17 +86,30 @@ walltime = "2s"
     run = cli("submit", "jobs.toml", "--wait", cwd=work, check=0).stdout.strip()
     pool = next((work / ".pilotflow").glob("garbage-*"))
     p = Pool(str(pool))
-    for name, junk in (("t1", b'{"token": "t1", "sta'), ("t2", b"\x00\xff garbage")):  # truncated, garbage
-        Path(p.shard(name), f"{name}.{p.latest(name)}").write_bytes(junk)
+    for name, junk in (("t1", b'{"token": "t1", "sta'), ("t2", b"\x00\xff garbage")):
+        path = Path(p.shard(name), f"{name}.{p.latest(name)}")
+        assert path.stat().st_nlink > 1  # (the pool's format: a link to its launcher's journal)
+        path.unlink()
+        path.write_bytes(junk)  # a file in its place, truncated or garbage
+    # t3's result line in its launcher's journal overwritten with garbage
+    journal = Path(p.shard("t3"), f"t3.{p.latest('t3')}")
+    data = journal.read_bytes()
+    lines = data.split(b"\n")
+    (i,) = [k for k, line in enumerate(lines) if b'"token":"t3"' in line and b'"state":"done"' in line]
+    lines[i] = b"\x00" * len(lines[i])
+    journal.write_bytes(b"\n".join(lines))
+    for name in ("t1", "t2", "t3"):
+        assert Pool(str(pool)).state(name)["state"] in ("todo", "locked")
     st = status_json(work, run)
     # what cannot be read is not claimed done: it reads as todo (its attempt unreadable) and
     # runs again; the other tokens are untouched
-    assert {k: v["state"] for k, v in st["tokens"].items() if k not in ("t1", "t2")} == \
-        {f"t{i}": "done" for i in range(3, 7)}
+    assert {k: v["state"] for k, v in st["tokens"].items() if k not in ("t1", "t2", "t3")} == \
+        {f"t{i}": "done" for i in range(4, 7)}
     p = cli("wait", cwd=work, check=0)
     st = status_json(work, run)
     assert st["counts"] == {"todo": 0, "locked": 0, "done": 6, "error": 0}
-    assert (pool / "work" / "runs-3.txt").read_text() == "1\n"  # untouched tokens ran once
+    assert (pool / "work" / "runs-4.txt").read_text() == "1\n"  # untouched tokens ran once
+    assert (pool / "work" / "runs-3.txt").read_text().split() == ["1", "2"]  # unreadable ones again
 
 
 def flaky_bin(d: Path, command: str, failures: int, message: str) -> Path:

@@ -247,49 +247,107 @@ def test_a_task_signalled_by_the_scheduler_just_before_the_launcher_is_handed_ba
     assert doc["lost"] == 1 and doc.get("failures", 0) == 0
 
 
-def test_the_result_is_appended_to_the_claim_and_a_half_written_one_reads_as_the_lock(tmp_path):
-    """One create per attempt: the holder appends its result to the file its claim created.
-    A reader never sees a torn record (a half-written result line: the lock line before it),
-    and an incremental scan sees the appended result although no file was created."""
+def journal_of(pool: Pool) -> Path:
+    (j,) = Path(pool.path("journals")).iterdir()
+    return j
+
+
+def test_a_claim_is_a_link_to_its_launchers_journal_which_holds_the_records(tmp_path):
+    """The token's one file is a hard link to the claiming process's journal (no inode of its
+    own): exclusive like an O_EXCL create, the lock record and then the result appended to the
+    journal; a half-written line (a launcher killed mid-write) reads as the record before it."""
     from pilotflow.launcher import dump
-    pool = make_pool(tmp_path, 1, "true")
+    pool = make_pool(tmp_path, 2, "true")
     lock = {"token": "t00000", "state": "locked", "attempt": 1, "pilot": "p1", "agent": 0}
-    fd = pool.claim("t00000", 1, dump(lock), keep=True)
-    assert isinstance(fd, int) and not isinstance(fd, bool)
-    assert pool.claim("t00000", 1, dump(lock), keep=True) is False  # exclusive, as before
+    handle = pool.claim("t00000", 1, dump(lock), keep=True)
+    assert handle
     path = Path(pool.shard("t00000")) / "t00000.1"
-    time.sleep(0.02)
-    since = time.time()
-    time.sleep(0.02)
-    os.write(fd, dump(dict(lock, state="done"))[:25])  # a launcher killed mid-append
-    assert pool.state("t00000")["state"] == "locked"
-    os.close(fd)
-    path.write_bytes(dump(lock) + b"\n")  # (start over from the lock line alone)
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND)
-    pool.append(fd, "t00000", dict(lock, state="done", exit_code=0))
-    os.close(fd)
+    journal = journal_of(pool)
+    assert path.stat().st_ino == journal.stat().st_ino and journal.stat().st_nlink == 2
+    assert pool.state("t00000") == lock
+    assert pool.claim("t00000", 1, dump(lock), keep=True) is False  # exclusive
+    assert Pool(pool.root).claim("t00000", 1, dump(lock)) is False  # for another process too
+    other = dict(lock, token="t00001")
+    assert pool.claim("t00001", 1, dump(other))
+    with open(journal, "ab") as f:  # a launcher killed while it wrote t00000's result
+        f.write(dump(dict(lock, state="done"))[:30])
+    assert Pool(pool.root).state("t00000")["state"] == "locked"
+    assert Pool(pool.root).states() == {"t00000": lock, "t00001": other}
+    with open(journal, "ab") as f:  # (a writer that carries on starts a new line first)
+        f.write(b"\n")
+    assert pool.append(handle, "t00000", dict(lock, state="done", exit_code=0)) is True
+    assert Pool(pool.root).state("t00000")["state"] == "done"
+    assert pool.state("t00000")["state"] == "done"  # (the same reader: the journal's new part)
+    assert sorted(p.name for p in Path(pool.shard("t00000")).iterdir()) == ["t00000.1"]
+
+
+def test_a_sync_reads_the_new_part_of_each_journal_and_the_rewritten_states(tmp_path):
+    """The helper's cursor: how far each journal was read, and the filesystem time for states
+    others rewrote. A sync after it reports exactly what changed (results appended, new
+    claims, a hand-back, a retry), however the records are spread over journals."""
+    from pilotflow.launcher import dump
+    Pool.create(str(tmp_path), {"run": "test", "lock_timeout": 300})
+    a, b = Pool(str(tmp_path)), Pool(str(tmp_path))
+    a.JOURNAL_LINKS = 3  # a's claims spread over several journals
+    rec = {n: {"token": n, "state": "locked", "attempt": 1, "pilot": "p1"} for n in (f"t{i}" for i in range(8))}
+    handles = {n: a.claim(n, 1, dump(d), keep=True) for n, d in list(rec.items())[:6]}
+    assert len(list(Path(a.path("journals")).iterdir())) == 2
+    cursor, seen = Pool(str(tmp_path)).changes(None)
+    assert seen == dict(list(rec.items())[:6])
+    time.sleep(2.1)  # (rewrites are re-read from 2 s before the cursor's time)
+    a.append(handles["t0"], "t0", dict(rec["t0"], state="done"))
+    a.append(handles["t5"], "t5", dict(rec["t5"], state="error"))
+    assert b.claim("t6", 1, dump(rec["t6"]))
+    assert b.release("t1", rec["t1"], "pilot p1 stopped")["state"] == "todo"
+    assert a.claim("t7", 1, dump(rec["t7"]))
+    cursor, seen = Pool(str(tmp_path)).changes(cursor)
+    assert {n: d["state"] for n, d in seen.items()} == \
+        {"t0": "done", "t5": "error", "t6": "locked", "t1": "todo", "t7": "locked"}
+    assert b.claim("t1", 2, dump(dict(rec["t1"], attempt=2, pilot="p2")))
+    cursor, seen = Pool(str(tmp_path)).changes(cursor)
+    assert {n: (d["state"], d["attempt"], d["pilot"]) for n, d in seen.items()} == {"t1": ("locked", 2, "p2")}
+    assert Pool(str(tmp_path)).changes(cursor)[1] == {}
+    assert {n: d["state"] for n, d in Pool(str(tmp_path)).states().items()} == \
+        {"t0": "done", "t1": "locked", "t2": "locked", "t3": "locked", "t4": "locked", "t5": "error",
+         "t6": "locked", "t7": "locked"}
+
+
+def test_claims_are_files_of_their_own_where_hard_links_are_refused(tmp_path, monkeypatch):
+    """A FAKE filesystem without hard links (os.link raises EPERM, as some do): claims fall
+    back to a regular file each, the result appended to it; the two kinds read the same."""
+    import errno
+    from pilotflow.launcher import dump
+    pool = make_pool(tmp_path, 2, "true")
+    lock = {"token": "t00000", "state": "locked", "attempt": 1}
+    assert pool.claim("t00000", 1, dump(lock))  # linked
+    monkeypatch.setattr(os, "link", lambda *a: (_ for _ in ()).throw(OSError(errno.EPERM, "no links")))
+    other = dict(lock, token="t00001")
+    handle = pool.claim("t00001", 1, dump(other), keep=True)
+    path = Path(pool.shard("t00001")) / "t00001.1"
+    assert path.stat().st_nlink == 1 and pool.claim("t00001", 1, dump(other)) is False
+    assert pool.append(handle, "t00001", dict(other, state="done"))
+    pool.close_claim(handle)
     assert len(path.read_bytes().splitlines()) == 2
-    assert pool.state("t00000")["state"] == "done"
-    assert pool.states(since=since)["t00000"]["state"] == "done"
-    assert len(list(Path(pool.shard("t00000")).iterdir())) == 1  # still the token's one file
+    assert {n: d["state"] for n, d in Pool(pool.root).states().items()} == {"t00000": "locked", "t00001": "done"}
 
 
-def test_each_attempt_of_a_run_costs_one_file_create(tmp_path):
-    """Counted with strace when available: a launcher running N tokens creates N state files
-    and no temporary files for their results."""
+def test_each_attempt_of_a_run_costs_a_link_and_no_file_create(tmp_path):
+    """Counted with strace when available: a launcher running N tokens links N claims to its
+    journal, and creates no file and renames nothing under state/."""
     if shutil.which("strace") is None:
         pytest.skip("strace is not installed (tests/run.sh installs it as root)")
     make_pool(tmp_path, 200, "true", {"p1": [f"t{i:05d}" for i in range(200)]})
     trace = tmp_path / "trace"
     # the launcher process alone (not -f: its tasks' lines would interleave with "unfinished")
-    subprocess.run(["strace", "-qq", "-e", "trace=openat,rename", "-o", str(trace), sys.executable,
-                    str(LAUNCHER), "run", str(tmp_path), "--pilot", "p1", "--cores", "2", "--poll", "0.1"],
-                   check=True, capture_output=True, timeout=120)
-    lines = trace.read_text().splitlines()
-    creates = [x for x in lines if "/state/" in x and "O_CREAT" in x and re.search(r"= \d+$", x)]
-    renames = [x for x in lines if "rename(" in x and "/state/" in x]
-    assert len(creates) == 200, creates[:5]
-    assert renames == []
+    subprocess.run(["strace", "-qq", "-e", "trace=openat,link,linkat,rename,renameat,renameat2", "-o",
+                    str(trace), sys.executable, str(LAUNCHER), "run", str(tmp_path), "--pilot", "p1",
+                    "--cores", "2", "--poll", "0.1"], check=True, capture_output=True, timeout=120)
+    lines = [x for x in trace.read_text().splitlines() if "/state/" in x and re.search(r"= \d+$", x)]
+    assert [x for x in lines if "O_CREAT" in x or x.startswith("rename")] == []
+    assert len([x for x in lines if x.startswith("link")]) == 200
+    states = list((tmp_path / "state").rglob("t*"))
+    assert len(states) == 200 and len({p.stat().st_ino for p in states}) == 1  # one journal's links
+    assert Counter(d["state"] for d in Pool(str(tmp_path)).states().values()) == {"done": 200}
 
 
 def test_a_pool_of_another_format_is_refused_with_what_to_do(tmp_path):
@@ -322,12 +380,10 @@ def test_an_incremental_scan_reads_what_changed_not_the_pool(tmp_path, monkeypat
     pool = Pool.create(str(tmp_path), {"run": "test", "lock_timeout": 300, "shard_width": shard_width(n)})
     for i in range(n):
         name = f"t{i}"
-        fd = pool.claim(name, 1, dump({"token": name, "state": "locked", "attempt": 1}), keep=True)
-        pool.append(fd, name, {"token": name, "state": "done", "attempt": 1})
-        os.close(fd)
-    time.sleep(0.05)
-    since = time.time()
-    time.sleep(0.05)
+        handle = pool.claim(name, 1, dump({"token": name, "state": "locked", "attempt": 1}), keep=True)
+        pool.append(handle, name, {"token": name, "state": "done", "attempt": 1})
+    time.sleep(2.1)  # (rewrites are re-read from 2 s before the cursor: a sync long after the fill)
+    cursor, _ = pool.changes(None)
     changed = {f"t{i}" for i in range(0, n, 500)}
     for name in changed:
         pool.put(name, {"token": name, "state": "error", "attempt": 1})
@@ -339,13 +395,13 @@ def test_an_incremental_scan_reads_what_changed_not_the_pool(tmp_path, monkeypat
         listed.append(len(entries))
         return iter(entries)
     monkeypatch.setattr(os, "scandir", counting_scandir)
-    seen = pool.states(since=since)
+    seen = Pool(pool.root).changes(cursor)[1]
     assert set(seen) == changed and all(d["state"] == "error" for d in seen.values())
-    assert len(listed) <= len(changed) and sum(listed) <= n // 10, listed  # not half the pool
+    assert len(listed) <= len(changed) + 1 and sum(listed) <= n // 10, listed  # not half the pool
     monkeypatch.undo()
     listed.clear()
     monkeypatch.setattr(os, "scandir", counting_scandir)
-    assert len(pool.states()) == n and sum(listed) == n  # (a full scan, for comparison)
+    assert len(pool.states()) == n and sum(listed) == n + 1  # (a full scan, for comparison; +1: journals/)
 
 
 def test_plain_commands_run_without_a_shell_the_rest_through_it(tmp_path):
