@@ -12,7 +12,9 @@ created with O_EXCL before its task starts). This measures, side by side in one 
   spawn       a bare Python loop keeping CORES `true` processes running (posix_spawn, waitpid,
               SIGCHLD wake-ups): the launcher's loop with nothing else
   spawn+claim the same, each task first claimed by creating its file (O_EXCL) and finished by
-              appending its result to it: the least any per-token state file can cost
+              appending its result to it: the least a state file of its own per token costs
+  spawn+link  the same, each task claimed by a hard link to a journal (the pool's format 4):
+              its lock record and its result appended to the journal, no inode per token
 """
 
 from __future__ import annotations
@@ -50,10 +52,19 @@ def fs_ops(base: str, n: int) -> dict[str, tuple[float, float]]:
         os.close(fd)
     timed("append", append)
     timed("unlink", lambda i: os.unlink(path[i] + ".2"))
+    one = os.path.join(base, "journal")
+    os.close(os.open(one, os.O_WRONLY | os.O_CREAT, 0o644))
+    timed("link1", lambda i: os.link(one, path[i] + ".j"))  # every name a link to one file (a journal)
     return out
 
 
-def spawn_loop(base: str, n: int, slots: int, claim: bool) -> float:
+LOCK = b'{"agent":0,"attempt":1,"host":"node","log":["p1.0.0",123456,7890],"pilot":"p1","start":1764400000.123,' \
+    b'"state":"locked","token":"t%d"}\n'
+DONE = b'{"agent":0,"attempt":1,"end":1764400001.123,"exit_code":0,"host":"node","log":["p1.0.0",123456,7890,' \
+    b'123456,7890],"pilot":"p1","start":1764400000.123,"state":"done","token":"t%d"}\n'
+
+
+def spawn_loop(base: str, n: int, slots: int, claim: str | None) -> float:
     env = dict(os.environ)
     r, w = os.pipe()
     os.set_blocking(r, False)
@@ -62,28 +73,35 @@ def spawn_loop(base: str, n: int, slots: int, claim: bool) -> float:
     signal.signal(signal.SIGCHLD, lambda s, f: None)
     actions = [(os.POSIX_SPAWN_OPEN, fd, "/dev/null", os.O_RDWR, 0) for fd in (0, 1, 2)]
     true = shutil.which("true")
-    running: dict[int, int | None] = {}
+    running: dict[int, tuple[int, int | None]] = {}
+    journal = os.path.join(base, "journal")
+    jfd = os.open(journal, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     nxt = done = 0
     t = time.perf_counter()
     try:
         while done < n:
             while len(running) < slots and nxt < n:
                 fd = None
-                if claim:
+                if claim == "file":
                     fd = os.open(os.path.join(base, "%02x" % (nxt % 256), "c%d.1" % nxt),
                                  os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-                    os.write(fd, b'{"state":"locked"}\n')
+                    os.write(fd, LOCK % nxt)
+                elif claim == "link":
+                    os.link(journal, os.path.join(base, "%02x" % (nxt % 256), "k%d.1" % nxt))
+                    os.write(jfd, LOCK % nxt)
                 pid = os.posix_spawn(true, ["true"], env, file_actions=actions, setpgroup=0)
-                running[pid] = fd
+                running[pid] = (nxt, fd)
                 nxt += 1
             while running:
                 pid, _ = os.waitpid(-1, os.WNOHANG)
                 if pid == 0:
                     break
-                fd = running.pop(pid)
+                i, fd = running.pop(pid)
                 if fd is not None:
-                    os.write(fd, b'{"state":"done"}\n')
+                    os.write(fd, DONE % i)
                     os.close(fd)
+                elif claim == "link":
+                    os.write(jfd, DONE % i)
                 done += 1
             if len(running) >= slots or nxt >= n:
                 select.select([r], [], [], 0.25)
@@ -97,6 +115,7 @@ def spawn_loop(base: str, n: int, slots: int, claim: bool) -> float:
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         os.close(r)
         os.close(w)
+        os.close(jfd)
     return n / (time.perf_counter() - t)
 
 
@@ -113,17 +132,17 @@ def main() -> None:
         os.mkdir(os.path.join(base, "loop"))
         for i in range(256):
             os.mkdir(os.path.join(base, "loop", "%02x" % i))
-        rates: dict[str, list[float]] = {"xargs": [], "spawn": [], "spawn+claim": []}
+        rates: dict[str, list[float]] = {"xargs": [], "spawn": [], "spawn+claim": [], "spawn+link": []}
         for _ in range(3):  # interleaved
             t = time.perf_counter()
             subprocess.run(f"seq {a.tasks} | xargs -P {cores} -n1 sh -c true", shell=True, check=True)
             rates["xargs"].append(a.tasks / (time.perf_counter() - t))
-            rates["spawn"].append(spawn_loop(os.path.join(base, "loop"), a.tasks, cores, False))
-            shutil.rmtree(os.path.join(base, "loop"))
-            os.mkdir(os.path.join(base, "loop"))
-            for i in range(256):
-                os.mkdir(os.path.join(base, "loop", "%02x" % i))
-            rates["spawn+claim"].append(spawn_loop(os.path.join(base, "loop"), a.tasks, cores, True))
+            for kind, claim in (("spawn", None), ("spawn+claim", "file"), ("spawn+link", "link")):
+                shutil.rmtree(os.path.join(base, "loop"))
+                os.mkdir(os.path.join(base, "loop"))
+                for i in range(256):
+                    os.mkdir(os.path.join(base, "loop", "%02x" % i))
+                rates[kind].append(spawn_loop(os.path.join(base, "loop"), a.tasks, cores, claim))
     finally:
         shutil.rmtree(base, ignore_errors=True)
     print(f"filesystem of {a.dir or tempfile.gettempdir()}, {a.tasks} files, per file (wall / CPU):")

@@ -19,8 +19,8 @@ Pool layout (``POOL`` = ROOT/RUN on the resource's shared filesystem)::
                              regular file of its own (tmp + rename); removed by the claim of
                              attempt N+1. (A regular file created exclusively, the result
                              appended, where the filesystem refuses hard links.)
-    journals/HOST.PID[.K]    a process's records, one per line, appended; the states of the
-                             tokens linked to it (a new one every 10,000 claims)
+    journals/HOST.PID.R.K    a process's records, one per line, appended; the states of the
+                             tokens linked to it (R random; K: a new one every 10,000 claims)
     state/SS/TOKEN.N.x       attempt N was handed back (whoever created this wrote the todo)
     returns/HOST.PID         lines "TOKEN N": tokens a process handed back or retried (wakes
                              idle pilots); one append-only file per process
@@ -264,7 +264,7 @@ class Pool(object):
 
     # reading a token's state ---------------------------------------------------------------
     # state/SHARD/NAME.N is the one file of token NAME, created exclusively by the claim of
-    # attempt N: a hard link to its launcher's journal (journals/HOST.PID[.K], that process's
+    # attempt N: a hard link to its launcher's journal (journals/HOST.PID.R.K, that process's
     # append-only file of records), made before the attempt's lock record is appended there;
     # the holder appends the result. The token's state is the journal's last record of NAME
     # (a link without one yet: locked, the claim being written). So a task costs no inode:
@@ -546,10 +546,10 @@ class Pool(object):
         attempt is ours now. The previous attempt's files go (one file per token). With
         ``keep``, a handle instead of True, through which ``append`` writes the result."""
         path = self._file(name, attempt)
-        journal = self._journal() if self._links else None
+        if not self._links:
+            return self._claim_file(name, attempt, record, keep)
+        journal = self._journal()
         try:
-            if journal is None:
-                return self._claim_file(name, attempt, record, keep)
             os.link(journal[1], path)
         except OSError as e:
             if e.errno == errno.EEXIST:
@@ -583,7 +583,15 @@ class Pool(object):
     def _claim_file(self, name, attempt, record, keep):
         """A claim where hard links cannot be: a file of its own, created exclusively."""
         path = self._file(name, attempt)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except OSError as e:
+            if e.errno == errno.EEXIST:
+                return False
+            if e.errno != errno.ENOENT:
+                raise
+            mkdirs(os.path.dirname(path))
+            return self._claim_file(name, attempt, record, keep)
         try:
             _write_all(fd, record + b"\n")
         except OSError:
@@ -615,7 +623,9 @@ class Pool(object):
         jw = self._jw
         if jw is None or jw[2] >= self.JOURNAL_LINKS or jw[3] != os.getpid():
             k = 0 if jw is None or jw[3] != os.getpid() else jw[4] + 1
-            path = self.path("journals", "%s.%d%s" % (socket.gethostname(), os.getpid(), ".%d" % k if k else ""))
+            # (a random part: containers on several nodes may share a host name and a pid)
+            path = self.path("journals", "%s.%d.%s.%d" % (socket.gethostname(), os.getpid(), os.urandom(3).hex(), k))
+            mkdirs(os.path.dirname(path))
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
             self._jfds.append(fd)
             jw = self._jw = [fd, path, 0, os.getpid(), k]
