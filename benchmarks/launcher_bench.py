@@ -8,7 +8,7 @@ kept (this machine is shared and noisy: compare the ratios, not the absolute rat
   xargs       seq N | xargs -P CORES -n1 sh -c true     (the fork/exec ceiling)
   pilotflow   `pilotflow submit bundle.toml --wait` of N `true` tasks on the local resource,
               timed end to end through the CLI (planning, pool, pilot start, sync included),
-              with one state file per token (the pool's only per-token file, a symlink; output packed)
+              with one state file per token (the pool's only per-token file; output packed)
   launcher    the same pilot's launcher alone, timed from its start to its exit
   hyperqueue  HyperQueue's Python API: LocalCluster + one worker (all cores), one Job of N
               `sh -c true` programs (stdout/stderr to a file per task, its default), timed
@@ -35,7 +35,7 @@ def bench_xargs(n: int, cores: int) -> float:
     return n / (time.perf_counter() - t)
 
 
-def bench_pilotflow(n: int, cores: int) -> tuple[float, float, int]:
+def bench_pilotflow(n: int, cores: int) -> tuple[float, float, tuple[int, int]]:
     d = Path(tempfile.mkdtemp(prefix="pf-bench-"))
     try:
         (d / "b.toml").write_text(f'[bundle]\nname = "null"\n[[resource]]\nname = "local"\nscheduler = "local"\n'
@@ -50,9 +50,10 @@ def bench_pilotflow(n: int, cores: int) -> tuple[float, float, int]:
         end = json.loads((pool / "agents" / "p1.0.end").read_text())
         states = sum(len(os.listdir(shard)) for shard in (pool / "state").iterdir())
         assert states == n, f"{states} state files for {n} tokens"
-        # files of every kind but directories (a token's state is a symlink: `find POOL ! -type d`)
-        files = sum(1 for f in pool.rglob("*") if f.is_symlink() or not f.is_dir())
-        return e2e, n / (end["end"] - agent["start"]), files
+        # files (`find POOL -type f`: a token's state is a name of its launcher's journal) and
+        # the inodes behind them (what inode quotas count)
+        found = [f for f in pool.rglob("*") if f.is_file()]
+        return e2e, n / (end["end"] - agent["start"]), (len(found), len({f.stat().st_ino for f in found}))
     finally:
         shutil.rmtree(d, ignore_errors=True)
 
@@ -85,7 +86,11 @@ def main() -> None:
     a = ap.parse_args()
     cores = len(os.sched_getaffinity(0))
     rates: dict[str, list[float]] = {"xargs": [], "pilotflow": [], "launcher": [], "hyperqueue": []}
-    files = 0
+    files = (0, 0)
+    # byte-compiled first, as `pip install` leaves an installed package (this machine sets
+    # PYTHONDONTWRITEBYTECODE: every CLI start would compile ~140 modules, 0.15 s)
+    subprocess.run([sys.executable, "-m", "compileall", "-q", str(Path(__file__).resolve().parents[1] / "pilotflow")],
+                   check=True)
     for _ in range(a.repeat):  # interleaved, so that drift hits every tool alike
         rates["xargs"].append(bench_xargs(a.tasks, cores))
         e2e, alone, files = bench_pilotflow(a.tasks, cores)
@@ -99,7 +104,8 @@ def main() -> None:
     for k in ("xargs", "pilotflow", "launcher", "hyperqueue"):
         if k in med:
             print(f"  {k:<11} {med[k]:8.0f}   runs: {', '.join(f'{r:.0f}' for r in rates[k])}")
-    print(f"files in the pool after a run: {files} for {a.tasks} tokens ({files - a.tasks} besides the states)")
+    print(f"files in the pool after a run: {files[0]} for {a.tasks} tokens ({files[0] - a.tasks} besides the states), "
+          f"{files[1]} inodes")
     print("ratios:")
     for k in ("pilotflow", "launcher"):
         line = f"  {k:<11} {med[k] / med['xargs']:.2f} of the xargs ceiling"

@@ -456,7 +456,7 @@ class Pool(object):
                 self._jread[ino] = [start, {}] + ([start] if start else [])
                 for doc in self._journal_tail(path, ino):
                     out[doc["token"]] = None  # changed: its current state is looked up below
-                    hints[doc["token"]] = doc.get("attempt")
+                    hints[doc["token"]] = (doc.get("attempt"), ino, doc)
             elif since is not None:  # by time: every token of a journal modified since
                 if mtime >= since:
                     self._journal_tail(path, ino)
@@ -513,7 +513,17 @@ class Pool(object):
                     continue
                 out[name] = self._read(name, n, e.path, st=st)
         for name in [k for k, v in out.items() if v is None]:
-            out[name] = self.state(name, hint=hints.get(name))
+            attempt, ino, doc = hints.get(name) or (None, None, None)
+            n = self.latest(name, attempt)
+            if n and n == attempt:  # the record just read, if the token's file links to its journal
+                path = self._file(name, n)
+                try:
+                    if os.lstat(path).st_ino == ino:
+                        out[name] = self._read(name, n, path, ino=ino, known={name: doc})
+                        continue
+                except OSError:
+                    pass
+            out[name] = self.state(name, hint=n)
         return out, offsets
 
     def agents(self):
