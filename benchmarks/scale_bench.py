@@ -10,10 +10,11 @@ Each step through the CLI, as a user runs it, timed, with the peak memory of its
   status     after every token of the pool got a (done) state: a full sync, then an
              incremental one after 1,000 changes (twice: the first re-reads the 2 s of
              writes before the full sync, which touched every directory; the second
-             follows a sync of a quiet pool)
+             follows a sync of a quiet pool), rewrites as `retry` makes them; then after
+             1,000 new attempts claimed and finished as a launcher does (journal records)
   report     the HTML page of that run (its size)
   drain      one launcher (all cores) through a separate pool of --drain null tasks
-plus the files the pool holds per token.
+plus the files the pool holds per token, and the inodes behind them.
 """
 
 from __future__ import annotations
@@ -56,6 +57,8 @@ def main() -> None:
     n = a.tokens
     d = Path(tempfile.mkdtemp(prefix="pf-scale-"))
     rows = Rows()
+    # byte-compiled first, as `pip install` leaves it (this machine sets PYTHONDONTWRITEBYTECODE)
+    subprocess.run([sys.executable, "-m", "compileall", "-q", str(ROOT / "pilotflow")], check=True)
     try:
         (d / "b.toml").write_text(f'[bundle]\nname = "scale"\n[[resource]]\nname = "here"\nscheduler = "local"\n'
                                   f'cores_per_node = 2\nsetup = ["exit 0"]\n[[task]]\nname = "t{{i}}"\n'
@@ -75,7 +78,7 @@ def main() -> None:
                                                "agent": 0}), keep=True)  # as a launcher does: the claim,
             pool.append(handle, name, {"token": name, "state": "done", "attempt": 1, "exit_code": 0, "pilot": "p1",
                                    "agent": 0, "host": "node", "start": now, "end": now + 1,
-                                   "log": ["p1.0.0", 0, 0, 0, 0]})  # then its result renamed over it
+                                   "log": ["p1.0.0", 0, 0, 0, 0]})  # then its result (journal lines)
         fill = time.perf_counter() - t
         files = sum(len(os.listdir(s)) for s in (pool_dir / "state").iterdir())
         took, rss, _ = cli(d, "status", run)
@@ -95,9 +98,19 @@ def main() -> None:
             pool.put(name, {"token": name, "state": "done", "attempt": 1, "exit_code": 0, "changed": True})
         took, rss, _ = cli(d, "status", run)
         rows.append(("status (1,000 changed)", took, rss, "incremental sync after a quiet one"))
+        time.sleep(2.5)
+        again = Pool(str(pool_dir))  # another launcher: second attempts, their results
+        for i in range(1, 1001):
+            name = f"t{i * (n // 1000) - 2}"
+            handle = again.claim(name, 2, dump({"token": name, "state": "locked", "attempt": 2, "pilot": "p2"}),
+                                 keep=True)
+            again.append(handle, name, {"token": name, "state": "done", "attempt": 2, "exit_code": 0, "pilot": "p2"})
+        took, rss, _ = cli(d, "status", run)
+        rows.append(("status (1,000 attempts)", took, rss, "incremental sync after 1,000 claims and results"))
         took, rss, _ = cli(d, "report", run, "-o", "r.html")
         rows.append(("report", took, rss, f"{(d / 'r.html').stat().st_size / 1e3:.0f} kB page"))
         all_files = sum(len(fs) for _, _, fs in os.walk(pool_dir))
+        inodes = len({os.lstat(os.path.join(r, f)).st_ino for r, _, fs in os.walk(pool_dir) for f in fs})
         drain = drain_bench(d / "drain", a.drain)
         rows.append(("launcher drain", drain[0], drain[1], f"{a.drain:,} null tasks: {a.drain / drain[0]:.0f}/s"))
     finally:
@@ -107,7 +120,7 @@ def main() -> None:
     for what, took, rss, note in rows:
         print(f"  {what:<24} {took:8.1f}s {rss:8.0f} MB   {note}")
     print(f"  pool files: {files:,} state files and {all_files - files:,} others for {n:,} tokens "
-          f"({all_files / n:.3f} per token)")
+          f"({all_files / n:.3f} per token); {inodes:,} inodes")
 
 
 class Rows(list):

@@ -354,7 +354,8 @@ class Pool(object):
                 return {"token": name, "state": LOCKED, "attempt": n}  # its claim is being written
             return {"token": name, "state": TODO, "attempt": n, "failures": 0,
                     "reason": "state file was unreadable"}
-        doc = dict(doc, attempt=n)
+        if doc.get("attempt") != n:
+            doc = dict(doc, attempt=n)
         if doc["state"] == LOCKED and os.path.exists(path + ".x"):
             doc.update(state=TODO, reason=doc.get("reason") or "handed back")  # its releaser died mid-way
         return doc
@@ -362,7 +363,9 @@ class Pool(object):
     # journals ------------------------------------------------------------------------------
     def _journal_tail(self, path, ino):
         """Read a journal (through any of its names) from where this process stopped: the
-        records of its new complete lines, indexed by token. Returns them in order."""
+        last record of each token in its new complete lines ({token: record}), indexed.
+        Read from the end, so that a record a later one supersedes is not decoded: records
+        are written with sorted keys, "token" last, so a line's token is read off its end."""
         ent = self._jread.get(ino)
         if ent is None:
             ent = self._jread[ino] = [0, {}]
@@ -371,21 +374,28 @@ class Pool(object):
                 f.seek(ent[0])
                 data = f.read()
         except OSError:
-            return []
-        out = []
+            return {}
+        out = {}
         pos, index = ent[0], ent[1]
         end = data.rfind(b"\n") + 1
-        start = 0
-        while start < end:
-            nl = data.index(b"\n", start)
+        stop = end - 1  # the newline that ends the line being read
+        while stop >= 0:
+            start = data.rfind(b"\n", 0, stop) + 1
+            line = data[start:stop]
+            stop = start - 1
+            at = line.rfind(b'"token":"')
+            name = line[at + 9:-2] if at >= 0 and line.endswith(b'"}') else b"\\"
+            if b"\\" not in name and b'"' not in name:
+                name = name.decode("utf-8", "replace")
+                if name in out:
+                    continue  # superseded by a later record
             try:
-                doc = json.loads(data[start:nl].decode("utf-8"))
+                doc = json.loads(line.decode("utf-8"))
             except ValueError:
-                doc = None  # a line its writer could not finish (a full disk), then went on
-            if isinstance(doc, dict) and isinstance(doc.get("token"), str):
+                continue  # a line its writer could not finish (a full disk), then went on
+            if isinstance(doc, dict) and isinstance(doc.get("token"), str) and doc["token"] not in out:
+                out[doc["token"]] = doc
                 index[doc["token"]] = pos + start
-                out.append(doc)
-            start = nl + 1
         ent[0] = pos + end
         return out
 
@@ -454,9 +464,9 @@ class Pool(object):
             if since is not None and journals is not None:  # from where the last look stopped
                 start = int(journals.get(os.path.basename(path), 0))
                 self._jread[ino] = [start, {}] + ([start] if start else [])
-                for doc in self._journal_tail(path, ino):
-                    out[doc["token"]] = None  # changed: its current state is looked up below
-                    hints[doc["token"]] = (doc.get("attempt"), ino, doc)
+                for name, doc in self._journal_tail(path, ino).items():
+                    out[name] = None  # changed: its current state is looked up below
+                    hints[name] = (doc.get("attempt"), ino, doc)
             elif since is not None:  # by time: every token of a journal modified since
                 if mtime >= since:
                     self._journal_tail(path, ino)
@@ -465,7 +475,7 @@ class Pool(object):
             else:
                 if len(self._jread.get(ino, ())) > 2 or ino not in self._jread:
                     self._jread.pop(ino, None)  # (read from a cursor only: read it whole)
-                    linked[ino] = dict((d["token"], d) for d in self._journal_tail(path, ino))
+                    linked[ino] = self._journal_tail(path, ino)
                 else:
                     self._journal_tail(path, ino)  # (known before: its new part only)
             if ino in self._jread:
