@@ -196,15 +196,18 @@ class Supervisor:
 
     def pace(self, now: float, counts: dict[str, int]) -> float:
         """A look every 0.25 s while tokens change, but once a second while more than 3 s of
-        work is left at the pace seen: a sync costs CPU that tasks on a local resource would
-        use, and the end is still seen within 0.25 s."""
+        work is left at the pace seen (a sync costs CPU that tasks on a local resource would
+        use), and every 0.1 s in the last second (the end is seen sooner)."""
         finished = counts["done"] + counts["error"]
         when, before = self.seen
         self.seen = (now, finished)
         if before < 0 or now <= when:
             return 0.25
         rate = (finished - before) / (now - when)
-        return 1.0 if rate > 0 and (counts["todo"] + counts["locked"]) / rate > 3.0 else 0.25
+        if rate <= 0:
+            return 0.25
+        left = (counts["todo"] + counts["locked"]) / rate
+        return 1.0 if left > 3.0 else 0.25 if left > 1.0 else 0.1
 
     def fail_over(self, snap: Snapshot) -> None:
         for name, why in broken(self.s, snap, now=self.clock()).items():
