@@ -651,6 +651,15 @@ class Pool(object):
             jw = self._jw = [fd, path, 0, os.getpid(), k]
         return jw
 
+    def close_journals(self):
+        """Close the journals this process appended to; a later claim opens a new one."""
+        for fd in getattr(self, "_jfds", ()):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self._jfds, self._jw = [], None
+
     def _journal_write(self, fd, record):
         """One record, one line: after a failed write (a full disk) a newline first, so that
         what it left of a line stays a line of its own, which readers skip."""
@@ -3244,7 +3253,14 @@ def helper(root, command, args):
     if command == "info":
         return info()
     pool = open_pool(root, patience=CLIENT_PATIENCE)
-    pool.check_format()
+    try:
+        pool.check_format()
+        return _helper(pool, command, args)
+    finally:
+        pool.close_journals()  # (a call that claimed, e.g. ``move``: no descriptor left behind)
+
+
+def _helper(pool, command, args):
     if command == "changes":
         return changes(pool, args.get("since"))
     if command == "scrub":

@@ -460,3 +460,15 @@ def test_a_token_on_its_second_attempt_reads_right_for_a_launcher_that_never_saw
     pool.put("x", {"token": "x", "state": "done", "attempt": 2, "exit_code": 0})
     assert (pool.state("x", hint=0)["state"], pool.state("x", hint=0)["attempt"]) == ("done", 2)
     assert pool.state("x", hint=1)["attempt"] == 2 and pool.latest("x", hint=0) == 2
+
+
+def test_a_helper_call_that_claims_leaves_no_journal_open(tmp_path):
+    """The client runs helper calls in-process for a local resource (a long `wait` makes many):
+    one that claims (``move``) closes the journal it opened."""
+    from pilotflow import launcher
+    make_pool(tmp_path, 3, "true")
+    before = len(os.listdir("/proc/self/fd"))
+    for name in ("t00000", "t00001"):
+        assert launcher.helper(str(tmp_path), "move", {"names": [name], "to": "elsewhere"}) == {"moved": [name]}
+    assert len(os.listdir("/proc/self/fd")) == before
+    assert {n: d["state"] for n, d in Pool(str(tmp_path)).states().items()} == {"t00000": "moved", "t00001": "moved"}
