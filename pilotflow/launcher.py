@@ -431,55 +431,40 @@ class Pool(object):
             return None
 
     def journals(self):
-        """The pool's journals: [(path, inode, mtime)]."""
-        out = []
+        """The pool's journals: [(path, inode)]."""
         try:
-            for e in os.scandir(self.path("journals")):
-                try:
-                    out.append((e.path, e.inode(), e.stat(follow_symlinks=False).st_mtime))
-                except OSError:
-                    continue
+            return [(e.path, e.inode()) for e in os.scandir(self.path("journals"))]
         except OSError:
-            pass
-        return out
+            return []
 
-    def states(self, since=None, journals=None):
-        """Every token that has a file (name → state), or only those changed since the
-        cursor: at or after ``since`` (filesystem time) for rewritten states (regular files:
-        unchanged shard directories are skipped whole), and the new records of the journals
-        after ``journals`` ({journal name: bytes read}; without it, every record of a journal
-        modified since ``since``). Each journal is read once, not a file per token."""
-        return self.scan(since, journals)[0]
+    def states(self):
+        """Every token that has a file (name → state): each journal read once, not a file
+        per token."""
+        return self.scan()[0]
 
     def scan(self, since=None, journals=None):
-        """``states``, and how far each journal was read ({name: bytes}, for the next call):
-        read before the state directories, as a claim's link comes before its record. (A
-        full scan keeps the records it read, once per token: the states it returns.)"""
+        """The states (all, or with ``since`` only those changed since a sync's cursor: at or
+        after ``since``, filesystem time, for rewritten states — regular files; unchanged shard
+        directories are skipped whole — and the new records of the journals after
+        ``journals``, {journal name: bytes read}), and how far each journal was read, for the
+        next call: read before the state directories, as a claim's link comes before its
+        record. A full scan reads every journal whole, and takes the states from what it read."""
         out = {}
         linked = {}  # journal inode → its last records by token, if read whole now
         offsets = {}
         hints = {}
-        for path, ino, mtime in self.journals():
+        for path, ino in self.journals():
             linked[ino] = None
-            if since is not None and journals is not None:  # from where the last look stopped
-                start = int(journals.get(os.path.basename(path), 0))
+            if since is not None:  # from where the last look stopped
+                start = int((journals or {}).get(os.path.basename(path), 0))
                 self._jread[ino] = [start, {}] + ([start] if start else [])
                 for name, doc in self._journal_tail(path, ino).items():
                     out[name] = None  # changed: its current state is looked up below
                     hints[name] = (doc.get("attempt"), ino, doc)
-            elif since is not None:  # by time: every token of a journal modified since
-                if mtime >= since:
-                    self._journal_tail(path, ino)
-                    for name in self._jread[ino][1]:
-                        out[name] = None
             else:
-                if len(self._jread.get(ino, ())) > 2 or ino not in self._jread:
-                    self._jread.pop(ino, None)  # (read from a cursor only: read it whole)
-                    linked[ino] = self._journal_tail(path, ino)
-                else:
-                    self._journal_tail(path, ino)  # (known before: its new part only)
-            if ino in self._jread:
-                offsets[os.path.basename(path)] = self._jread[ino][0]
+                self._jread.pop(ino, None)
+                linked[ino] = self._journal_tail(path, ino)
+            offsets[os.path.basename(path)] = self._jread[ino][0]
         top = self.path("state")
         try:
             shards = os.listdir(top)
@@ -808,7 +793,7 @@ class Pool(object):
         else:
             if not isinstance(since, dict):
                 since = {"t": since}
-            out, offsets = self.scan(float(since.get("t") or 0) - 2.0, since.get("j") or {})
+            out, offsets = self.scan(float(since.get("t") or 0) - 2.0, since.get("j") or {})  # (no "j": all read)
         return {"t": now, "j": offsets}, out
 
     def defs_count(self):
