@@ -232,3 +232,18 @@ def test_pilots_that_renewed_themselves_join_the_run_record(tmp_path):
     assert (p.job_id, p.state, p.resource, p.tasks) == ("77", "running", "A", 5)
     assert record.resources["A"].followups == 1
     assert any(e.kind == "pilot" and e.name == "r1p1" for e in s.events)
+
+
+def test_wait_looks_less_often_while_much_work_is_left_and_often_near_the_end():
+    """A sync costs CPU the tasks of a local resource would use: once a second while more than
+    3 s of work is left at the pace seen, every 0.25 s nearer the end, 0.1 s in its last second."""
+    sup = Supervisor.__new__(Supervisor)  # (pace reads only what it keeps itself)
+    sup.seen = (100.0, -1)
+
+    def counts(done: int) -> dict[str, int]:
+        return {"todo": 998 - done, "locked": 2, "done": done, "error": 0}  # 1,000 tokens
+    assert sup.pace(100.0, counts(0)) == 0.25  # no pace seen yet
+    assert sup.pace(101.0, counts(100)) == 1.0  # 100/s, 900 left: 9 s
+    assert sup.pace(102.0, counts(400)) == 0.25  # 300/s, 600 left: 2 s
+    assert sup.pace(103.0, counts(800)) == 0.1  # 400/s, 200 left: the last second
+    assert sup.pace(104.0, counts(800)) == 0.25  # nothing finished since: no pace to go by
