@@ -8,7 +8,6 @@ shell code such as ``awk '{print $1}'`` or ``${HOME}`` needs no escaping in a co
 from __future__ import annotations
 
 import fnmatch
-import itertools
 import re
 from typing import Iterable
 
@@ -45,15 +44,16 @@ def scalar_text(v: object) -> str:
     raise ValueError("matrix values must be strings, numbers or booleans")
 
 
-def matrix_product(variables: dict[str, list[str]]) -> list[dict[str, str]]:
-    """All combinations, first variable outermost, in the order the user wrote them."""
+def check_matrix_size(variables: dict[str, list[str]]) -> int:
+    """The number of combinations (tasks), or ValueError past :data:`MAX_EXPANSION`. The
+    combinations themselves are never listed: :class:`~pilotflow.bundle.tasks.TaskBlock`
+    makes one from its index when a task is needed."""
     total = 1
     for vals in variables.values():
         total *= len(vals)
     if total > MAX_EXPANSION:
         raise ValueError(f"the matrix expands to {total:,} tasks; the limit is {MAX_EXPANSION:,}")
-    names = list(variables)
-    return [dict(zip(names, combo)) for combo in itertools.product(*variables.values())]
+    return total
 
 
 class Substituter:
@@ -68,19 +68,21 @@ class Substituter:
             return text
         return self._re.sub(lambda m: values[m.group(1)], text)
 
-    def template(self, text: str):
+    def template(self, text: str, order: list[str] | None = None):
         """``text`` made into a function of the values, for expanding it many times: None when
         it holds no placeholder (it stays as it is); else ``str.format_map`` of a template
-        with every other brace doubled (a million names in C rather than a regex each)."""
+        with every other brace doubled (a million names in C rather than a regex each). With
+        ``order``, ``str.format`` taking the values positionally in that order (no dict per task)."""
         if self._re is None or "{" not in text or not self._re.search(text):
             return None
         parts, last = [], 0
         for m in self._re.finditer(text):
             parts.append(text[last:m.start()].replace("{", "{{").replace("}", "}}"))
-            parts.append("{" + m.group(1) + "}")
+            parts.append("{" + (str(order.index(m.group(1))) if order else m.group(1)) + "}")
             last = m.end()
         parts.append(text[last:].replace("{", "{{").replace("}", "}}"))
-        return "".join(parts).format_map
+        made = "".join(parts)
+        return made.format if order else made.format_map
 
     def unknown(self, text: str, known: Iterable[str]) -> list[str]:
         """Placeholder-looking words that are not variables (to warn about likely typos)."""

@@ -7,19 +7,23 @@ patterns that match nothing, and tasks that no resource can hold.
 
 from __future__ import annotations
 
+import itertools
+import math
 import os
+import re
 import tomllib
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from pilotflow.bundle import fields as F
-from pilotflow.bundle.expand import (AfterResolver, Substituter, find_cycle, is_glob, matrix_product,
+from pilotflow.bundle.expand import (AfterResolver, Substituter, check_matrix_size, find_cycle, is_glob,
                                      matrix_values, token_lines)
 from pilotflow.bundle.fit import unfit
 from pilotflow.bundle.model import (DEFAULT_BATCH_MAX_WALLTIME_S, DEFAULT_LOCK_TIMEOUT_S, DEFAULT_WALLTIME_S,
                                     Bundle, Resource, Task, local_resource)
 from pilotflow.bundle.picas import picas_tasks
+from pilotflow.bundle.tasks import TaskBlock, Tasks
 from pilotflow.bundle.schema import (BUNDLE_KEYS, RESOURCE_KEYS, TASK_FIELDS, TASK_KEYS, TASKS_FROM_KEYS, TOP_KEYS,
                                      Problems, check_keys, validated)
 from pilotflow.bundle.toml_lines import LineMap
@@ -143,8 +147,8 @@ def _check_pool(table: dict, vals: dict, origin: tuple, pb: Problems) -> None:
 
 
 def _expand_tasks(data: dict, defaults: dict, base: Path, pb: Problems,
-                  resources: list[Resource]) -> list[Task]:
-    tasks: list[Task] = []
+                  resources: list[Resource]) -> Tasks:
+    tasks: list[TaskBlock | list[Task]] = []
     raw = data.get("task", [])
     if not isinstance(raw, list):
         pb.add(("task",), "tasks are written as [[task]] tables")
@@ -158,11 +162,10 @@ def _expand_tasks(data: dict, defaults: dict, base: Path, pb: Problems,
                 pb.add(origin, f"[[task]] needs a {key}")
         if "name" not in vals or "command" not in vals:
             continue
-        combos = _matrix(table.get("matrix"), origin, pb)
-        if combos is None:
+        matrix = _matrix(table.get("matrix"), origin, pb)
+        if matrix is None:
             continue
-        variables = list(combos[0]) if combos and combos[0] else []
-        tasks.extend(_instantiate(vals, combos, variables, origin, pb))
+        tasks.append(_instantiate(vals, list(matrix), list(matrix.values()), False, origin, pb))
     raw = data.get("tasks_from", [])
     if not isinstance(raw, list):
         pb.add(("tasks_from",), "token lists are written as [[tasks_from]] tables")
@@ -172,7 +175,7 @@ def _expand_tasks(data: dict, defaults: dict, base: Path, pb: Problems,
         table = check_keys(table, TASKS_FROM_KEYS, origin, "tasks_from", pb)
         vals = {**defaults, **validated(table, TASKS_FROM_KEYS, origin, pb)}
         if "picas_view" in vals and "file" not in vals:
-            tasks.extend(picas_tasks(vals, resources, origin, pb))
+            tasks.append(picas_tasks(vals, resources, origin, pb))
             continue
         if "file" not in vals or "picas_view" in vals:
             pb.add(origin, '[[tasks_from]] needs either a file, for example file = "tokens.txt", or the '
@@ -190,16 +193,15 @@ def _expand_tasks(data: dict, defaults: dict, base: Path, pb: Problems,
             pb.value(origin, "name", vals["name"], "must contain {n} (the line number) to be unique")
             continue
         entries = token_lines(text)
-        combos = [{"n": str(n)} for n, _ in entries]
-        made = _instantiate(vals | {"command": "{__line}"}, [c | {"__line": cmd} for c, (_, cmd)
-                            in zip(combos, entries)], ["n", "__line"], origin, pb)
-        tasks.extend(made)
-    return tasks
+        tasks.append(_instantiate(vals | {"command": "{__line}"}, ["n", "__line"],
+                                  [[str(n) for n, _ in entries], [cmd for _, cmd in entries]], True, origin, pb))
+    return Tasks(tasks)
 
 
-def _matrix(raw: Any, origin: tuple, pb: Problems) -> list[dict[str, str]] | None:
+def _matrix(raw: Any, origin: tuple, pb: Problems) -> dict[str, list[str]] | None:
+    """The matrix's variables and their values (in the order written), or None after a problem."""
     if raw is None:
-        return [{}]
+        return {}
     if not isinstance(raw, dict) or not raw:
         pb.value(origin, "matrix", raw, 'expected a table such as { i = "1..10", depth = [256, 512] }')
         return None
@@ -218,7 +220,8 @@ def _matrix(raw: Any, origin: tuple, pb: Problems) -> list[dict[str, str]] | Non
     if not ok:
         return None
     try:
-        return matrix_product(variables)
+        check_matrix_size(variables)
+        return variables
     except ValueError as e:
         pb.add(origin + ("matrix",), f"matrix: {e}")
         return None
@@ -228,51 +231,58 @@ _SUBST_FIELDS = ("name", "command", "resource")
 _SUBST_LISTS = ("after", "inputs", "outputs")
 
 
-def _instantiate(vals: dict, combos: list[dict[str, str]], variables: list[str], origin: tuple,
-                 pb: Problems) -> list[Task]:
+def _instantiate(vals: dict, variables: list[str], columns: list[list[str]], rows: bool, origin: tuple,
+                 pb: Problems) -> TaskBlock | list[Task]:
+    """One table's tasks: a block (its template and values; see :mod:`pilotflow.bundle.tasks`)
+    unless they have ``after`` or a varying resource, which the planner reads per task."""
     sub = Substituter(variables)
     env = vals.get("env", ())
     base = {k: vals[k] for k in TASK_FIELDS if k in vals and k not in ("walltime", "memory", "env")}
     base["walltime_s"] = vals.get("walltime", DEFAULT_WALLTIME_S)
     base["memory_mb"] = vals.get("memory")
-    out = []
-    bad_name = None
-    # fields without a placeholder are the same for every combination: set once, in base
-    fields = [(k, sub.template(vals[k])) for k in _SUBST_FIELDS if k in vals]
-    base.update((k, vals[k]) for k, f in fields if f is None)
-    fields = [(k, f) for k, f in fields if f is not None]
-    lists = [k for k in _SUBST_LISTS if k in vals and any(sub.template(x) for x in vals[k])]
-    base.update((k, tuple(vals[k])) for k in _SUBST_LISTS if k in vals and k not in lists)
-    env_varies = any(sub.template(v) for _, v in env)
     base["env"] = tuple(env)
-    # paths are checked per task where they vary, else once
-    checked = tuple(k for k in ("inputs", "outputs") if k in lists)
-    bad = next(((k, x) for k in ("inputs", "outputs") if k in base for x in base[k] if _escapes(x)), None)
+    base.update((k, tuple(vals[k])) for k in _SUBST_LISTS if k in vals)
+    base.update(name=vals["name"], command=vals["command"])
+    fields: list = [(k, f) for k in ("command", "resource") if k in vals
+                    for f in [sub.template(vals[k])] if f is not None]
+    lists = [k for k in _SUBST_LISTS if k in vals and any(sub.template(x) for x in vals[k])]
+    fields += [(k, lambda v, xs=vals[k]: tuple(sub(x, v) for x in xs)) for k in lists]
+    if any(sub.template(v) for _, v in env):
+        fields.append(("env", lambda v: tuple((k, sub(x, v)) for k, x in env)))
+    bad = next(((k, x) for k in ("inputs", "outputs") if k in base and k not in lists for x in base[k]
+                if _escapes(x)), None)
+    if bad is None and any(k in lists for k in ("inputs", "outputs")):  # paths are checked per task where they vary
+        bad = _varying_escape(sub, vals, variables, columns, rows)
     if bad is not None:
         pb.value(origin, bad[0], vals[bad[0]], f"expands to {F.show(bad[1])}: paths must stay inside the "
                  "bundle's directory (no leading / or ~, no ..)")
-        return out
-    for values in combos:
-        kw = dict(base)
-        for k, f in fields:
-            kw[k] = f(values)
-        for k in lists:
-            kw[k] = tuple(sub(x, values) for x in vals[k])
-        if env_varies:
-            kw["env"] = tuple((k, sub(v, values)) for k, v in env)
-        if not F.TASK_NAME_RE.fullmatch(kw["name"]) or set(kw["name"]) == {"."}:
-            bad_name = bad_name or kw["name"]
-            continue
-        bad = next(((k, x) for k in checked for x in kw[k] if _escapes(x)), None) if checked else None
-        if bad is not None:
-            pb.value(origin, bad[0], vals[bad[0]], f"expands to {F.show(bad[1])}: paths must stay inside the "
-                     "bundle's directory (no leading / or ~, no ..)")
-            return out
-        out.append(Task(origin=origin, **kw))
+        return []
+    name = sub.template(vals["name"], variables)
+    combos = zip(*columns) if rows else itertools.product(*columns)
+    names = [name(*c) for c in combos] if name else [vals["name"]] * (len(columns[0]) if rows else
+                                                                      math.prod(map(len, columns)))
+    bad_name = next((n for n in names if not _NAME.match(n)), None)
     if bad_name is not None:
         pb.value(origin, "name", vals["name"], f"expands to {F.show(bad_name)}: task names become file "
                  "names and must be 1-200 of A-Z a-z 0-9 _ . + = -")
-    return out
+        return []
+    block = TaskBlock(Task(origin=origin, **base), variables, columns, rows, fields, names)
+    return list(block) if "after" in vals or any(k == "resource" for k, _ in fields) else block
+
+
+_NAME = re.compile(r"(?!\.+\Z)(?:" + F.TASK_NAME_RE.pattern + r")\Z")
+
+
+def _varying_escape(sub: Substituter, vals: dict, variables: list[str], columns: list[list[str]],
+                    rows: bool) -> tuple[str, str] | None:
+    """The first (key, path) of inputs/outputs that leaves the bundle's directory once expanded."""
+    for combo in (zip(*columns) if rows else itertools.product(*columns)):
+        values = dict(zip(variables, combo))
+        for k in ("inputs", "outputs"):
+            for x in vals.get(k, ()):
+                if "{" in x and _escapes(sub(x, values)):
+                    return k, sub(x, values)
+    return None
 
 
 def _escapes(path: str) -> bool:
@@ -283,19 +293,21 @@ def _escapes(path: str) -> bool:
         return True
 
 
-def _resolve_after(tasks: list[Task], pb: Problems) -> list[Task]:
-    seen: dict[str, Task] = {}
-    for t in tasks:
-        if t.name in seen:
-            first = seen[t.name]
-            line = pb.lines.line(first.origin + ("name",)) if pb.lines else None
-            also = f" (also at line {line})" if line else ""
-            pb.add(t.origin + ("name",), f"duplicate task name '{t.name}' after expansion{also}")
-        else:
-            seen[t.name] = t
-    if not any(t.after for t in tasks):
+def _resolve_after(tasks: Tasks, pb: Problems) -> Tasks:
+    names = tasks.names()
+    if len(set(names)) != len(names):
+        origins = [t.origin for t in tasks.protos()]
+        first_at: dict[str, int] = {}
+        for i, n in enumerate(names):
+            if n in first_at:
+                line = pb.lines.line(origins[first_at[n]] + ("name",)) if pb.lines else None
+                also = f" (also at line {line})" if line else ""
+                pb.add(origins[i] + ("name",), f"duplicate task name '{n}' after expansion{also}")
+            else:
+                first_at[n] = i
+    if not tasks.linked():
         return tasks
-    resolver = AfterResolver(list(seen))
+    resolver = AfterResolver(list(dict.fromkeys(names)))
     out = []
     reported: set[tuple] = set()
     for t in tasks:
@@ -318,26 +330,27 @@ def _resolve_after(tasks: list[Task], pb: Problems) -> list[Task]:
         if cycle:
             first = next(t for t in out if t.name == cycle[0])
             pb.add(first.origin + ("after",), "dependency cycle: " + " -> ".join(cycle))
-    return out
+    return Tasks.of(out)
 
 
-def _check_fit(tasks: list[Task], resources: list[Resource], pb: Problems) -> None:
+def _check_fit(tasks: Tasks, resources: list[Resource], pb: Problems) -> None:
     """Tasks no resource can hold are bundle errors, reported once per task template."""
     reported: set[tuple] = set()
     fits: set[tuple] = set()  # shapes known to fit: a million tasks of one template are a few shapes
-    for t in tasks:
-        if t.origin in reported:
-            continue
-        shape = (t.resource, t.cores, t.nodes, t.memory_mb, t.gpus, t.walltime_s, t.mpi, t.ranks_per_node)
-        if shape in fits:
-            continue
-        why = unfit(t, resources)
-        if not why:
-            fits.add(shape)
-        if why:
-            reported.add(t.origin)
-            key, msg = why
-            pb.add(t.origin + (key,), f"task '{t.name}': {msg}")
+    for part in tasks.parts:
+        for t, name in ([(part.proto, part.names[0])] if isinstance(part, TaskBlock) else ((t, t.name) for t in part)):
+            if t.origin in reported:
+                continue
+            shape = (t.resource, t.cores, t.nodes, t.memory_mb, t.gpus, t.walltime_s, t.mpi, t.ranks_per_node)
+            if shape in fits:
+                continue
+            why = unfit(t, resources)
+            if not why:
+                fits.add(shape)
+            if why:
+                reported.add(t.origin)
+                key, msg = why
+                pb.add(t.origin + (key,), f"task '{name}': {msg}")
 
 
 def load_resources_file(path: str | os.PathLike) -> list[Resource]:

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from pilotflow.bundle.tasks import Tasks
 from pilotflow.bundle.toml_lines import LineMap
 
 DEFAULT_WALLTIME_S = 600
@@ -86,7 +87,7 @@ class Resource:
 @dataclass
 class Bundle:
     name: str
-    tasks: list[Task]
+    tasks: Tasks  # a list of tasks given here is made into one
     resources: list[Resource]
     lock_timeout_s: int = DEFAULT_LOCK_TIMEOUT_S
     path: Path | None = None
@@ -94,6 +95,9 @@ class Bundle:
     on_finish: str | None = None
     optimize: str = "node-hours"  # after the fewest pilots: "node-hours" (SPEC) or "makespan"
     lines: LineMap | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        self.tasks = Tasks.of(self.tasks)
 
     @property
     def base_dir(self) -> Path:

@@ -18,7 +18,7 @@ from pilotflow.errors import BundleError
 def assign_resources(bundle: Bundle, indices: list[int]) -> tuple[dict[str, list[int]], dict[str, str]]:
     """Resource name → task indices, and resource name → a one-line reason for the split."""
     resources = bundle.resources
-    tasks = bundle.tasks
+    tasks = bundle.tasks.protos()  # shapes, pins and dependencies; names only where they link tasks
     if len(resources) == 1:
         only = resources[0].name
         return {only: list(indices)}, {only: "the only resource"}
@@ -42,7 +42,7 @@ def assign_resources(bundle: Bundle, indices: list[int]) -> tuple[dict[str, list
         ok = tuple(r.name for r in resources if all(task_fits(tasks[i], r) for i in comp))
         if not ok:
             t = tasks[comp[0]]
-            raise BundleError([f"{bundle.where(t.origin)} task '{t.name}' and the tasks linked to it by "
+            raise BundleError([f"{bundle.where(t.origin)} task '{bundle.tasks.names()[comp[0]]}' and the tasks linked to it by "
                                "'after' fit no single resource; pin them or relax their needs"])
         if len(ok) == 1:
             fixed[ok[0]].extend(comp)

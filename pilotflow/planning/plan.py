@@ -83,7 +83,7 @@ class Plan:
 
     def to_json(self) -> dict:
         """The ``plan --json`` document of SPEC §3, key for key."""
-        names = [t.name for t in self.bundle.tasks]
+        names = self.bundle.tasks.names()
         return {
             "bundle": self.bundle.name,
             "tasks": len(self.bundle.tasks),
@@ -138,7 +138,7 @@ def _plan_resource(bundle: Bundle, res: Resource, indices: list[int], margin: fl
     finish because of when their dependencies end (not for lack of capacity) move on to the
     next stage, where those dependencies are done from the start.
     """
-    tasks = bundle.tasks
+    tasks = bundle.tasks.protos()  # shapes and dependencies: a matrix's tasks are not made
     groups_all, gid_all = build_groups(tasks, indices, res.cores_per_node)
     wmax = res.max_walltime_s
     critical = max((g.bottom for g in groups_all), default=0)
@@ -219,7 +219,7 @@ def _topological(tasks: list[Task], indices: list[int], by_name: dict[str, int])
 def _plan_stage(bundle: Bundle, res: Resource, groups: list[Group], margin: float, overhead: float):
     """Pilots for one stage: MILP split, full pilots checked alone, remainder sized, all
     verified together. Returns (pilots, lower bound, solver, tasks moved to the next stage)."""
-    tasks = bundle.tasks
+    tasks = bundle.tasks.protos()
     st = Stage(groups, res, margin, backend_class(res.scheduler).walltime_step, overhead, bundle.optimize)
     shapes, shape_groups = _shapes(groups, res)
     used_solver = ""

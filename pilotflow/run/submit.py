@@ -117,7 +117,10 @@ def staged_inputs(bundle: Bundle) -> dict[int, list[str]]:
     base = bundle.base_dir
     out: dict[int, list[str]] = {}
     problems = []
-    for i, t in enumerate(bundle.tasks):
+    for i, shape in enumerate(bundle.tasks.protos()):
+        if not shape.inputs:  # a matrix's tasks are made only where they have inputs
+            continue
+        t = bundle.tasks[i]
         files: list[str] = []
         for pattern in t.inputs:
             rel = PurePosixPath(pattern)
@@ -149,7 +152,7 @@ def submit_pilots(record: RunRecord, plan: Plan, transports: dict[str, Transport
                   launcher_args: list[str] = (), log: Callable[[str], None] = lambda _msg: None) -> list[PilotRecord]:
     """Write plans and scripts into the pools and submit, stage after stage (a later stage
     waits for the earlier one through the scheduler's own job dependencies)."""
-    names = [t.name for t in plan.bundle.tasks]
+    names = plan.bundle.tasks.names()
     done = []
     for rp in plan.resources:
         res = rp.resource

@@ -198,7 +198,7 @@ class OpenRun:
         for rp in plan.resources:  # the new pilots' work is what live ones could not take
             if rp.pilots:
                 self._release_idle(rp.resource.name, len(rp.tasks))
-        names = [t.name for t in plan.bundle.tasks]
+        names = plan.bundle.tasks.names()
         transports = {rp.resource.name: self.session.transport(rp.resource.name) for rp in plan.resources}
         submit_pilots(self.record, plan, transports, launcher_args=["--idle-timeout", f"{self.idle_timeout_s:g}"],
                       log=self.log)

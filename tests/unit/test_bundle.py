@@ -380,3 +380,65 @@ def test_unreadable_files(tmp_path):
 def test_empty_bundle_says_what_is_missing(tmp_path):
     got = errors(tmp_path, '[bundle]\nname = "e"\n')
     assert got == ["F: the bundle has no tasks: add a [[task]] or [[tasks_from]] table"]
+
+
+def _tasks_alive() -> int:
+    import gc
+    from pilotflow.bundle import Task
+    gc.collect()
+    return sum(1 for o in gc.get_objects() if isinstance(o, Task))
+
+
+def test_a_matrix_stays_one_template_through_planning_and_makes_its_tasks_on_demand(tmp_path):
+    import itertools
+    import random
+    from pilotflow.planning.plan import make_plan
+    before = _tasks_alive()
+    b = load_bundle(write(tmp_path, """
+        [bundle]
+        name = "lazy"
+        [[task]]
+        name = "r{i}-{d}-{k}"
+        command = "f {i} {d} > out/{i}_{d}_{k}"
+        matrix = { i = "001..500", d = ["a", "b"], k = "1..100" }
+        outputs = ["out/{i}_{d}_{k}"]
+        env = { K = "{k}", FIXED = "1" }
+        [[task]]
+        name = "last"
+        command = "true"
+    """))
+    plan = make_plan(b)
+    assert len(b.tasks) == 100_001 and plan.resources[0].tasks == list(range(100_001))
+    assert _tasks_alive() - before < 10  # the template and the plain task; not one per matrix value
+    combos = list(itertools.product([f"{i:03}" for i in range(1, 501)], "ab", [str(k) for k in range(1, 101)]))
+    assert b.tasks.names()[:2] == ["r001-a-1", "r001-a-2"] and b.tasks.names()[-1] == "last"
+    for n in random.Random(7).sample(range(100_000), 50) + [0, 99_999]:
+        i, d, k = combos[n]
+        t = b.tasks[n]
+        assert (t.name, t.command, t.outputs, t.env) == (
+            f"r{i}-{d}-{k}", f"f {i} {d} > out/{i}_{d}_{k}", (f"out/{i}_{d}_{k}",), (("K", k), ("FIXED", "1")))
+        assert b.tasks.names()[n] == t.name
+    assert b.tasks[-1].name == "last" and b.tasks[100_000].command == "true"
+    made = list(b.tasks)
+    assert made[12_345] == b.tasks[12_345] and [t.name for t in made] == b.tasks.names()
+
+
+def test_a_token_list_is_one_block_too_and_names_stay_checked(tmp_path):
+    (tmp_path / "cmds.txt").write_text("# header\necho a\n\necho {n} b\n")
+    b = load_bundle(write(tmp_path, """
+        [bundle]
+        name = "tl"
+        [[tasks_from]]
+        file = "cmds.txt"
+    """))
+    assert [(t.name, t.command) for t in b.tasks] == [("cmds-2", "echo a"), ("cmds-4", "echo {n} b")]
+    assert b.tasks[1] == list(b.tasks)[1]
+    assert errors(tmp_path, """
+        [bundle]
+        name = "bad"
+        [[task]]
+        name = "t/{i}"
+        command = "x"
+        matrix = { i = "1..3" }
+    """) == ['F:5: name = "t/{i}": expands to "t/1": task names become file names and must be 1-200 of '
+             'A-Z a-z 0-9 _ . + = -']
