@@ -10,6 +10,9 @@ kept (this machine is shared and noisy: compare the ratios, not the absolute rat
               timed end to end through the CLI (planning, pool, pilot start, sync included),
               with one state file per token (the pool's only per-token file; output packed)
   launcher    the same pilot's launcher alone, timed from its start to its exit
+  pilotflow-2, launcher-2
+              the same with launchers_per_node = 2 (two launchers of one core each: one
+              loop waits in posix_spawn while each task's exec loads)
   hyperqueue  HyperQueue's Python API: LocalCluster + one worker (all cores), one Job of N
               `sh -c true` programs (stdout/stderr to a file per task, its default), timed
               from submit to wait_for_jobs' return
@@ -35,25 +38,25 @@ def bench_xargs(n: int, cores: int) -> float:
     return n / (time.perf_counter() - t)
 
 
-def bench_pilotflow(n: int, cores: int) -> tuple[float, float, tuple[int, int]]:
+def bench_pilotflow(n: int, cores: int, launchers: int = 1) -> tuple[float, float, tuple[int, int]]:
     d = Path(tempfile.mkdtemp(prefix="pf-bench-"))
     try:
         (d / "b.toml").write_text(f'[bundle]\nname = "null"\n[[resource]]\nname = "local"\nscheduler = "local"\n'
-                                  f'cores_per_node = {cores}\n[[task]]\nname = "t{{i}}"\ncommand = "true"\n'
-                                  f'matrix = {{ i = "1..{n}" }}\nwalltime = "1s"\n')
+                                  f'cores_per_node = {cores}\nlaunchers_per_node = {launchers}\n[[task]]\n'
+                                  f'name = "t{{i}}"\ncommand = "true"\nmatrix = {{ i = "1..{n}" }}\nwalltime = "1s"\n')
         t = time.perf_counter()
         subprocess.run([sys.executable, "-m", "pilotflow", "submit", "b.toml", "--wait"], cwd=d, check=True,
                        capture_output=True)
         e2e = n / (time.perf_counter() - t)
         pool = next((d / ".pilotflow").glob("null-*"))
-        agent = json.loads((pool / "agents" / "p1.0.json").read_text())
-        end = json.loads((pool / "agents" / "p1.0.end").read_text())
+        start = min(json.loads((pool / "agents" / f"p1.{k}.json").read_text())["start"] for k in range(launchers))
+        end = max(json.loads((pool / "agents" / f"p1.{k}.end").read_text())["end"] for k in range(launchers))
         states = sum(len(os.listdir(shard)) for shard in (pool / "state").iterdir())
         assert states == n, f"{states} state files for {n} tokens"
         # files (`find POOL -type f`: a token's state is a name of its launcher's journal) and
         # the inodes behind them (what inode quotas count)
         found = [f for f in pool.rglob("*") if f.is_file()]
-        return e2e, n / (end["end"] - agent["start"]), (len(found), len({f.stat().st_ino for f in found}))
+        return e2e, n / (end - start), (len(found), len({f.stat().st_ino for f in found}))
     finally:
         shutil.rmtree(d, ignore_errors=True)
 
@@ -85,7 +88,8 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     a = ap.parse_args()
     cores = len(os.sched_getaffinity(0))
-    rates: dict[str, list[float]] = {"xargs": [], "pilotflow": [], "launcher": [], "hyperqueue": []}
+    names = ("xargs", "pilotflow", "launcher", "pilotflow-2", "launcher-2", "hyperqueue")
+    rates: dict[str, list[float]] = {k: [] for k in names}
     files = (0, 0)
     # byte-compiled first, as `pip install` leaves an installed package (this machine sets
     # PYTHONDONTWRITEBYTECODE: every CLI start would compile ~140 modules, 0.15 s)
@@ -96,18 +100,21 @@ def main() -> None:
         e2e, alone, files = bench_pilotflow(a.tasks, cores)
         rates["pilotflow"].append(e2e)
         rates["launcher"].append(alone)
+        e2e, alone, _ = bench_pilotflow(a.tasks, cores, launchers=2)
+        rates["pilotflow-2"].append(e2e)
+        rates["launcher-2"].append(alone)
         hq = bench_hyperqueue(a.tasks)
         if hq is not None:
             rates["hyperqueue"].append(hq)
     med = {k: statistics.median(v) for k, v in rates.items() if v}
     print(f"{a.tasks} null tasks, {cores} cores, median of {a.repeat} interleaved runs (tasks/s):")
-    for k in ("xargs", "pilotflow", "launcher", "hyperqueue"):
+    for k in names:
         if k in med:
             print(f"  {k:<11} {med[k]:8.0f}   runs: {', '.join(f'{r:.0f}' for r in rates[k])}")
     print(f"files in the pool after a run: {files[0]} for {a.tasks} tokens ({files[0] - a.tasks} besides the states), "
           f"{files[1]} inodes")
     print("ratios:")
-    for k in ("pilotflow", "launcher"):
+    for k in ("pilotflow", "launcher", "pilotflow-2", "launcher-2"):
         line = f"  {k:<11} {med[k] / med['xargs']:.2f} of the xargs ceiling"
         if "hyperqueue" in med:
             line += f", {med[k] / med['hyperqueue']:.2f}× HyperQueue"

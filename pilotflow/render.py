@@ -96,6 +96,8 @@ def _render(pilot: PilotPlan, resource: Resource, run: str, pool: str, launcher_
         raise UsageError(f"resource '{resource.name}': {e}") from None
     if pilot.gpus_per_node:  # the launcher hands out this many per node
         launcher_args = list(launcher_args) + ["--gpus", str(pilot.gpus_per_node)]
+    if resource.launchers_per_node > 1:
+        launcher_args = list(launcher_args) + ["--launchers", str(resource.launchers_per_node)]
     args = "".join(" " + shlex.quote(a) for a in launcher_args)
     return _env().get_template(sched.template).render(
         pilot=pilot, resource=resource, run=run, pool=pool, directives=directives, python=python_words(resource),

@@ -43,6 +43,17 @@ def unfit(t: Task, resources: list[Resource]) -> tuple[str, str] | None:
             return "cores", (f"needs {t.cores} cores on one node but the largest node has "
                              f"{best.cores_per_node} ({best.name}); lower cores, or use mpi = true "
                              "to spread ranks over nodes")
+    split = [r for r in fits if r.launchers_per_node > 1]
+    fits = [r for r in fits if r.launchers_per_node == 1 or task_nodes(t, r.cores_per_node) == 1
+            and t.cores <= r.launcher_cores and (t.memory_mb or 0) <= (r.launcher_memory_mb or t.memory_mb or 0)]
+    if not fits:
+        r = split[0]
+        key = "nodes" if task_nodes(t, r.cores_per_node) > 1 else "cores" if t.cores > r.launcher_cores else "memory"
+        need = f"{task_nodes(t, r.cores_per_node)} nodes" if key == "nodes" else f"{t.cores} core(s)" + (
+            f" and {t.memory_mb}M" if t.memory_mb else "")
+        share = f"{r.launcher_cores} core(s)" + (f" and {r.launcher_memory_mb}M" if r.memory_per_node_mb else "")
+        return key, (f"needs {need} but {r.name}'s launchers_per_node = {r.launchers_per_node} gives each "
+                     f"launcher {share} of a node; lower launchers_per_node")
     if t.gpus:  # on one node; a task on several holds them whole, GPUs included
         gpu = [r for r in fits if task_nodes(t, r.cores_per_node) > 1 or r.gpus_per_node >= t.gpus]
         if not gpu:

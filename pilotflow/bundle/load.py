@@ -122,6 +122,7 @@ def load_resources(data: dict, pb: Problems) -> list[Resource]:
         if "max_queue_wait" in vals:
             vals["max_queue_wait_s"] = vals.pop("max_queue_wait")
         _check_pool(table, vals, origin, pb)
+        _check_launchers(vals, origin, pb)
         name = vals.get("name", f"resource{i + 1}")
         if name in seen:
             pb.add(origin + ("name",), f"duplicate resource name '{name}' (also resource #{seen[name] + 1})")
@@ -144,6 +145,16 @@ def _check_pool(table: dict, vals: dict, origin: tuple, pb: Problems) -> None:
     elif couch_keys:
         pb.add(origin + (couch_keys[0],), f'{couch_keys[0]} applies to pool = "couchdb" only: add that line '
                                           "or remove this one")
+
+
+def _check_launchers(vals: dict, origin: tuple, pb: Problems) -> None:
+    k = vals.get("launchers_per_node", 1)
+    if k > 1 and vals.get("gpus_per_node"):
+        pb.add(origin + ("launchers_per_node",), f"launchers_per_node = {k} applies to nodes without GPUs (one "
+                                                  "launcher hands out a node's GPUs); remove one of the two lines")
+    elif k > vals.get("cores_per_node", 1):
+        pb.add(origin + ("launchers_per_node",), f"launchers_per_node = {k} is more than the node's "
+                                                  f"{vals.get('cores_per_node', 1)} cores: each launcher needs one")
 
 
 def _expand_tasks(data: dict, defaults: dict, base: Path, pb: Problems,

@@ -44,7 +44,7 @@ RESOURCE_KEYS = {
     "qos": F.directive_word, "pe": F.directive_word, "directives": F.str_list(F.directive),
     "setup": F.str_list(F.text), "python": F.command_name, "walltime_margin": F.fraction(0, 1),
     "max_queue_wait": F.positive_duration, "mpi_launcher": F.choice("srun", "mpirun"),
-    "max_follow_ups": F.integer(0, 100), "gpus_per_node": F.integer(0, 64),
+    "max_follow_ups": F.integer(0, 100), "gpus_per_node": F.integer(0, 64), "launchers_per_node": F.integer(1, 64),
     "gpu_resource": F.directive_word, "mpi_plugin": F.directive_word, "logs": F.choice("packed", "per-token"),
     "pool": F.choice("files", "couchdb"), "couchdb_url": F.couchdb_url, "couchdb_database": F.couchdb_name,
     "couchdb_credentials": F.one_line,

@@ -96,6 +96,36 @@ walltime = "2s"''', "big")
     assert all(p["job_id"] and p["state"] == "ended" for p in st["pilots"].values()), st["pilots"]
 
 
+def test_slurm_nodes_with_two_launchers_each_share_their_cores(work, slurm_cluster):
+    env = dict(slurm_cluster.env)
+    bundle(work, "slurm", 'cores_per_node = 4\nmax_nodes = 3\npartition = "debug"\nlaunchers_per_node = 2', f'''[[task]]
+name = "t{{i}}"
+command = '{RECORD.format(work="sleep 0.3;")}'
+matrix = {{ i = "1..240" }}
+walltime = "2s"''', "split")
+    cli("submit", "jobs.toml", "--wait", cwd=work, env=env, check=0, timeout=240)
+    st = status_json(work, env=env)
+    assert st["counts"] == {"todo": 0, "locked": 0, "done": 240, "error": 0}
+    assert_once_and_never_overlapping(records(pool_work(work)), {f"t{i}" for i in range(1, 241)})
+    pool = pool_work(work).parent
+    agents = [json.loads(p.read_text()) for p in (pool / "agents").glob("p*.*.json") if p.name.count(".") == 2]
+    by_pilot_host = Counter((a["pilot"], a["host"]) for a in agents)
+    # each node of a pilot ran two launchers of two cores, as agents NODE*2 and NODE*2+1
+    assert set(by_pilot_host.values()) == {2} and {a["cores"] for a in agents} == {2}
+    assert len({a["host"] for a in agents}) >= 2
+    for (pilot, host) in by_pilot_host:
+        mine = sorted(a["agent"] for a in agents if (a["pilot"], a["host"]) == (pilot, host))
+        assert mine[1] == mine[0] + 1 and mine[0] % 2 == 0, mine
+    # never more tasks at once on a node than its 4 cores
+    for host in {a["host"] for a in agents}:
+        edges = sorted(e for t in st["tokens"].values() if t["host"] == host for e in ((t["start"], 1), (t["end"], -1)))
+        running = peak = 0
+        for _, step in edges:
+            running += step
+            peak = max(peak, running)
+        assert peak <= 4, (host, peak)
+
+
 def test_scheduler_cancel_mid_run_then_retry_loses_nothing(work, cluster):
     sched, env, res, nodes = cluster
     bundle(work, sched, res, f'''[[task]]

@@ -176,3 +176,39 @@ def test_runs_lists_newest_first(work):
     r2 = cli("submit", "jobs.toml", "--wait", cwd=work, check=0).stdout.strip()
     out = cli("runs", cwd=work, check=0).stdout
     assert out.index(r2) < out.index(r1)
+
+
+def test_two_launchers_per_node_share_its_cores_and_run_each_token_once(work):
+    write_bundle(work, """
+        [bundle]
+        name = "split"
+        [[resource]]
+        name = "here"
+        scheduler = "local"
+        cores_per_node = 2
+        launchers_per_node = 2
+        [[task]]
+        name = "s{i}"
+        command = "sleep 0.3"
+        matrix = { i = "1..6" }
+        walltime = "5s"
+        [[task]]
+        name = "t{i}"
+        command = "true"
+        matrix = { i = "1..600" }
+        walltime = "5s"
+    """)
+    run = cli("submit", "jobs.toml", "--wait", cwd=work, check=0).stdout.strip()
+    st = status_json(work, run)
+    assert st["counts"]["done"] == 606 and {t["attempts"] for t in st["tokens"].values()} == {1}
+    pool = next((work / ".pilotflow").glob("split-*"))
+    ran = {p.name: json.loads(p.read_text())["ran"] for p in (pool / "agents").glob("p1.*.end")}
+    assert sorted(ran) == ["p1.0.end", "p1.1.end"] and min(ran.values()) > 0 and sum(ran.values()) == 606
+    assert {json.loads(p.read_text())["cores"] for p in (pool / "agents").glob("p1.*.json")} == {1}
+    # both launchers ran tasks at the same time, and never more at once than the node's 2 cores
+    edges = sorted([(t["start"], 1) for t in st["tokens"].values()] + [(t["end"], -1) for t in st["tokens"].values()])
+    running = peak = 0
+    for _, step in edges:
+        running += step
+        peak = max(peak, running)
+    assert peak == 2

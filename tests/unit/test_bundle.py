@@ -442,3 +442,64 @@ def test_a_token_list_is_one_block_too_and_names_stay_checked(tmp_path):
         matrix = { i = "1..3" }
     """) == ['F:5: name = "t/{i}": expands to "t/1": task names become file names and must be 1-200 of '
              'A-Z a-z 0-9 _ . + = -']
+
+
+def test_launchers_per_node_takes_tasks_that_fit_one_launchers_share(tmp_path):
+    head = """
+        [bundle]
+        name = "lpn"
+        [[resource]]
+        name = "c"
+        scheduler = "slurm"
+        cores_per_node = 8
+        memory_per_node = "16G"
+        max_nodes = 2
+        launchers_per_node = 4
+    """
+    b = load_bundle(write(tmp_path, head + """
+        [[task]]
+        name = "ok"
+        command = "x"
+        cores = 2
+        memory = "4G"
+    """))
+    assert (b.resources[0].launcher_cores, b.resources[0].launcher_memory_mb) == (2, 4096)
+    assert errors(tmp_path, head + """
+        [[task]]
+        name = "wide"
+        command = "x"
+        cores = 3
+        [[task]]
+        name = "fat"
+        command = "x"
+        memory = "5G"
+        [[task]]
+        name = "gang"
+        command = "x"
+        nodes = 2
+    """) == ["F:15: task 'wide': needs 3 core(s) but c's launchers_per_node = 4 gives each launcher 2 core(s) and "
+             "4096M of a node; lower launchers_per_node",
+             "F:19: task 'fat': needs 1 core(s) and 5120M but c's launchers_per_node = 4 gives each launcher 2 "
+             "core(s) and 4096M of a node; lower launchers_per_node",
+             "F:23: task 'gang': needs 2 nodes but c's launchers_per_node = 4 gives each launcher 2 core(s) and "
+             "4096M of a node; lower launchers_per_node"]
+    assert errors(tmp_path, """
+        [bundle]
+        name = "lpn"
+        [[resource]]
+        name = "g"
+        scheduler = "slurm"
+        cores_per_node = 2
+        gpus_per_node = 1
+        launchers_per_node = 2
+        [[resource]]
+        name = "h"
+        scheduler = "local"
+        cores_per_node = 2
+        launchers_per_node = 3
+        [[task]]
+        name = "t"
+        command = "x"
+    """) == ["F:9: launchers_per_node = 2 applies to nodes without GPUs (one launcher hands out a node's GPUs); "
+             "remove one of the two lines",
+             "F:14: launchers_per_node = 3 is more than the node's 2 cores: each launcher needs one"]

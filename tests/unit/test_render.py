@@ -129,3 +129,14 @@ def test_the_follow_up_script_takes_its_identity_from_the_environment(scheduler,
     assert p.returncode == 0 and not p.stderr, p.stderr
     pilot, deadline = p.stdout.split()
     assert pilot == "r2p1" and (deadline == "none" if scheduler == "local" else abs(int(deadline) - time.time() - 90) < 5)
+
+
+@pytest.mark.parametrize("scheduler", ["local", "slurm", "sge", "pbs"])
+def test_launchers_per_node_reaches_every_launch_line_and_follow_ups(scheduler):
+    from dataclasses import replace
+    from pilotflow.render import render_renewal
+    res = replace(resource(scheduler), launchers_per_node=4)
+    for text in (render_pilot(pilot(), res, RUN, POOL), render_renewal(res, RUN, POOL)):
+        runs = [ln for ln in text.splitlines() if '"$LAUNCHER" run' in ln]
+        assert runs and all(ln.rstrip(" &").endswith("--launchers 4") for ln in runs), runs
+    assert "--launchers" not in render_pilot(pilot(), resource(scheduler), RUN, POOL).split("PILOTFLOW_LAUNCHER_")[0]
