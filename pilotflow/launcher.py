@@ -3222,11 +3222,10 @@ def main(argv=None):
         cores = a.cores or _node_cores()
         memory = a.memory
         others = []
-        if a.launchers > 1:  # node n's launchers are agents n*K .. n*K+K-1 (no gangs on such resources)
-            k = min(a.launchers, cores)
-            shares = [(cores // k + (j < cores % k), a.memory // k) for j in range(k)]
-            others = [sub_launcher(argv, agent * k + j, c, m) for j, (c, m) in enumerate(shares) if j]
-            agent, (cores, memory) = agent * k, shares[0]
+        if a.launchers > 1:
+            agent, cores, memory, others = split_node(a.launchers, agent, cores, memory)
+            if not others:  # a forked launcher: a pool object of its own (a database pool's connection)
+                pool = open_pool(a.pool, spec)
         ag = Agent(pool, a.pilot, agent=agent, cores=cores, memory=memory, walltime=a.walltime or None,
                    idle_timeout=a.idle_timeout, poll=a.poll, steal_delay=a.steal_delay, warn_grace=a.warn_grace,
                    deadline=a.deadline, mpi=a.mpi, node=node_name(a.node_var), gpus=node_gpus(a.gpus, a.gpu_var),
@@ -3351,22 +3350,22 @@ def node_gpus(count, var=None):
     return [str(i) for i in range(count)]
 
 
-def sub_launcher(argv, agent, cores, memory):
-    """Start another launcher of this node (``run --launchers``) with its agent index and
-    share; it runs like any launcher of the pool. Returns its pid."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    out, skip = [], False
-    for w in argv:
-        if skip:
-            skip = False
-            continue
-        name = w.split("=", 1)[0]
-        if name in ("--launchers", "--agent", "--agent-var", "--cores", "--memory"):
-            skip = "=" not in w
-            continue
-        out.append(w)
-    out += ["--agent", str(agent), "--cores", str(cores), "--memory", str(memory)]
-    return os.spawnv(os.P_NOWAIT, sys.executable, [sys.executable, os.path.abspath(__file__)] + out)
+def split_node(k, agent, cores, memory):
+    """``run --launchers K``: fork K-1 more launchers of this node, each with an equal share
+    of its cores and memory; node N's launchers are agents N*K .. N*K+K-1 (a resource with
+    launchers_per_node has no multi-node tasks: no gang counts nodes by agent). Returns this
+    process's (agent, cores, memory, pids of the forked ones: empty in those)."""
+    k = max(1, min(k, cores))
+    shares = [(cores // k + (j < cores % k), memory // k) for j in range(k)]
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pids = []
+    for j in range(1, k):
+        pid = os.fork()
+        if pid == 0:
+            return (agent * k + j,) + shares[j] + ([],)
+        pids.append(pid)
+    return (agent * k,) + shares[0] + (pids,)
 
 
 def _node_cores():
