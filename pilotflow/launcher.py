@@ -2665,6 +2665,8 @@ class Agent(object):
         pool, me = self.pool, self.key
         if live_pilots(pool, me):
             return None  # a live pilot takes what is left (and renews in its turn)
+        if all(t.status in FINAL for t in self.tokens.values()) and not pool.defs_changed(self.defs_seen):
+            return None  # every token ended, as we saw them, and none came since: no scan of them all
         defs = pool.defs()
         dead = pool.dead_agents(self.lock_timeout)
         if not work_left(pool, defs, pool.states(), dead):

@@ -34,10 +34,11 @@ def refresh_pilots(s: Session) -> list[str]:
         asked = time.time()
         try:
             t = s.transport(name)
+            here = None if res.remote else sched.status_in_process(ids)
             # with somewhere to fail over to, a failed ask is not retried at once: failover
             # measures how long the scheduler stays silent, over several asks
-            states = _ask(t, sched, sched.status_argv(ids), sched.parse_status, ids, name,
-                          retry=len(record.resources) == 1)
+            states = sched.parse_status(here, ids) if here is not None else \
+                _ask(t, sched, sched.status_argv(ids), sched.parse_status, ids, name, retry=len(record.resources) == 1)
         except ExternalError as e:
             s.errors[name] = e
             # unreachable since the failed call began (a dead controller takes a while to say so)

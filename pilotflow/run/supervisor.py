@@ -282,10 +282,12 @@ class Supervisor:
 
         def alive(p) -> bool:
             return bool(p.job_id) and p.state not in FINISHED and not s.record.broken(p.resource)
-        pause = 0.05  # a pilot with nothing left exits within moments: look soon, then less often
+        # a pilot with nothing left exits within moments: look often for a second, then less
+        pause, often = 0.05, time.time() + 1.0
         while time.time() < end and any(alive(p) for p in s.record.pilots.values()):
             time.sleep(pause)
-            pause = min(pause * 2, 0.5)
+            if time.time() > often:
+                pause = min(pause * 2, 0.5)
             try:
                 refresh_pilots(s)
             except PilotflowError:

@@ -97,6 +97,11 @@ class Scheduler(ABC):
     def status_argv(self, job_ids: list[str]) -> list[str]:
         ...
 
+    def status_in_process(self, job_ids: list[str]) -> str | None:
+        """What ``status_argv`` would print, computed in this process when the resource is this
+        machine and that needs no program of its own; None: run ``status_argv``."""
+        return None
+
     @abstractmethod
     def parse_status(self, stdout: str, job_ids: list[str]) -> dict[str, JobState]:
         """States of the jobs found; a job missing from the answer is not in the dict."""

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 from pilotflow.schedulers.base import ENDED, RUNNING, JobState, Scheduler
 
-# Reads /proc (Linux) and falls back to kill(0): prints "PID STATE" for each live group leader.
-_PROBE = r"""
-import os, sys
-for pid in sys.argv[1:]:
+# Reads /proc (Linux) and falls back to kill(0): prints "PID STATE" for each live group leader
+# of PIDS (a remote host runs it with the resource's python; this machine runs it in-process).
+_PROBE_BODY = r"""
+import os
+for pid in PIDS:
     try:
         with open("/proc/%s/stat" % pid) as f:
             st = f.read().rsplit(")", 1)[1].split()[0]
@@ -23,6 +24,7 @@ for pid in sys.argv[1:]:
         except OSError:
             pass
 """
+_PROBE = "import sys\nPIDS = sys.argv[1:]\n" + _PROBE_BODY
 
 
 class Local(Scheduler):
@@ -60,6 +62,12 @@ class Local(Scheduler):
 
     def status_argv(self, job_ids):
         return [self.python, "-c", _PROBE] + list(job_ids)
+
+    def status_in_process(self, job_ids):
+        # the probe's own code, without starting an interpreter for it (~0.1 s a look)
+        lines: list[str] = []
+        exec(_PROBE_BODY, {"PIDS": list(job_ids), "print": lambda *a: lines.append(" ".join(map(str, a)))})
+        return "\n".join(lines) + "\n"
 
     def parse_status(self, stdout, job_ids):
         out = {}

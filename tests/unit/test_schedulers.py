@@ -94,3 +94,21 @@ def test_extra_directives_must_be_one_option_line(bad):
     with pytest.raises(ValueError):
         backend("slurm").directives(job_name="j", nodes=1, cores_per_node=4, walltime_s=600, resource=res,
                                     output="o")
+
+
+def test_local_status_in_process_answers_as_the_probe_does():
+    import os
+    import subprocess
+    import sys
+    sched = backend(Resource(name="l", scheduler="local", python=sys.executable))
+    zombie = subprocess.Popen(["true"])
+    while open(f"/proc/{zombie.pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z":
+        pass  # ended, not reaped yet
+    ids = [str(os.getpid()), str(zombie.pid), "999999999"]
+    probed = subprocess.run(sched.status_argv(ids), capture_output=True, text=True, check=True).stdout
+    here = sched.status_in_process(ids)
+    assert here == probed == f"{os.getpid()} R\n{zombie.pid} Z\n"
+    states = sched.parse_status(here, ids)
+    assert [states[i].state for i in ids] == [RUNNING, ENDED, ENDED]
+    zombie.wait()
+    assert backend(Resource(name="s", scheduler="slurm", cores_per_node=4)).status_in_process(ids) is None
