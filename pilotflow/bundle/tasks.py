@@ -59,20 +59,27 @@ class TaskBlock(Sequence):
             raise IndexError(i)
         return self._make(self.values(i), self.names[i])
 
-    def _make(self, values: dict[str, str], name: str) -> Task:
+    def _fields_of(self, values: dict[str, str], name: str) -> dict:
         kw = dict(self._base)
         for f, make in self._fields:
             kw[f] = make(values)
         kw["name"] = name
-        return self.proto.__class__(**kw)
+        return kw
+
+    def _make(self, values: dict[str, str], name: str) -> Task:
+        return self.proto.__class__(**self._fields_of(values, name))
+
+    def _combos(self) -> Iterable:
+        return zip(*self._columns) if self._rows else itertools.product(*self._columns)
 
     def __iter__(self) -> Iterator[Task]:
-        if self._rows:
-            combos: Iterable = zip(*self._columns)
-        else:
-            combos = itertools.product(*self._columns)
-        for combo, name in zip(combos, self.names):
+        for combo, name in zip(self._combos(), self.names):
             yield self._make(dict(zip(self._variables, combo)), name)
+
+    def field_dicts(self) -> Iterator[dict]:
+        """Each task's fields (in field order), without making the task: what a run record keeps."""
+        for combo, name in zip(self._combos(), self.names):
+            yield self._fields_of(dict(zip(self._variables, combo)), name)
 
 
 class Tasks(Sequence):
@@ -120,6 +127,15 @@ class Tasks(Sequence):
 
     def __repr__(self) -> str:
         return f"Tasks({len(self)} tasks in {len(self._parts)} part(s))"
+
+    def field_dicts(self, of: Callable[[Task], dict]) -> Iterator[dict]:
+        """Each task's fields in order, a block's without making its tasks; ``of`` gives a
+        listed task's (the same dict)."""
+        for p in self._parts:
+            if isinstance(p, TaskBlock):
+                yield from p.field_dicts()
+            else:
+                yield from map(of, p)
 
     @property
     def parts(self) -> list:

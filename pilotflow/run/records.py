@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from pilotflow.bundle import Resource, Task
+from pilotflow.bundle.tasks import Tasks
 from pilotflow.errors import RunNotFound
 from pilotflow.launcher import dump, read_json, write_atomic
 from pilotflow.run.mirror import Mirror
@@ -127,7 +128,8 @@ class RunRecord:
     def save_tasks(self, tasks: list[Task], resources: list[str] | None = None) -> None:
         """``resources``: each task's resource, when it differs from ``task.resource`` (a new
         run pins tasks to where the plan put them without copying a million of them)."""
-        rows = [task_to_dict(t) for t in tasks]
+        rows = (list(tasks.field_dicts(task_to_dict)) if isinstance(tasks, Tasks)  # a matrix's without making them
+                else [task_to_dict(t) for t in tasks])
         if resources is not None:
             for d, r in zip(rows, resources):
                 d["resource"] = r

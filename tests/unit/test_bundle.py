@@ -503,3 +503,25 @@ def test_launchers_per_node_takes_tasks_that_fit_one_launchers_share(tmp_path):
     """) == ["F:9: launchers_per_node = 2 applies to nodes without GPUs (one launcher hands out a node's GPUs); "
              "remove one of the two lines",
              "F:14: launchers_per_node = 3 is more than the node's 2 cores: each launcher needs one"]
+
+
+def test_a_blocks_records_are_its_tasks_records(tmp_path):
+    from pilotflow.run.records import task_to_dict
+    b = load_bundle(write(tmp_path, """
+        [bundle]
+        name = "rows"
+        [[task]]
+        name = "a{i}-{j}"
+        command = "run {i} {j}"
+        matrix = { i = "1..3", j = ["x", "y"] }
+        env = { J = "{j}" }
+        inputs = ["in/{i}.txt"]
+        [[task]]
+        name = "b"
+        command = "true"
+    """))
+    from pilotflow.bundle.tasks import TaskBlock
+    assert [type(p) for p in b.tasks.parts] == [TaskBlock, list]
+    rows = list(b.tasks.field_dicts(task_to_dict))
+    assert rows == [task_to_dict(t) for t in b.tasks] and len(rows) == 7
+    assert rows[1]["name"] == "a1-y" and rows[1]["env"] == (("J", "y"),) and rows[1]["inputs"] == ("in/1.txt",)
