@@ -520,8 +520,10 @@ def test_a_blocks_records_are_its_tasks_records(tmp_path):
         name = "b"
         command = "true"
     """))
-    from pilotflow.bundle.tasks import TaskBlock
-    assert [type(p) for p in b.tasks.parts] == [TaskBlock, list]
-    rows = list(b.tasks.field_dicts(task_to_dict))
-    assert rows == [task_to_dict(t) for t in b.tasks] and len(rows) == 7
+    from pilotflow.bundle import Task
+    from pilotflow.bundle.tasks import TaskBlock, Tasks
+    assert [type(p) for p in b.tasks.parts] == [TaskBlock, TaskBlock]
+    tasks = Tasks(b.tasks.parts + [[Task(name="z", command="x", cores=2)]])  # and a list, as Python callers give
+    rows = list(tasks.field_dicts(task_to_dict))
+    assert rows == [task_to_dict(t) for t in tasks] and len(rows) == 8 and rows[-1]["cores"] == 2
     assert rows[1]["name"] == "a1-y" and rows[1]["env"] == (("J", "y"),) and rows[1]["inputs"] == ("in/1.txt",)
