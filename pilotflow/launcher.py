@@ -253,6 +253,12 @@ class Pool(object):
             out.extend(batch)
         return out
 
+    def defs_and_states(self, seen):
+        """New definitions (as ``defs(seen)``) and, for many, every token's state from one
+        scan (None: few enough for a look each)."""
+        new = self.defs(seen)
+        return new, (self.states() if len(new) > 200 else None)
+
     def plans(self):
         out = {}
         for fn in os.listdir(self.path("plans")):
@@ -1330,12 +1336,21 @@ class CouchPool(Pool):
         return self.record_of(name, doc)
 
     def states(self, since=None):
-        self._start_feed()
-        out = {}
+        return self.defs_and_states(None)[1]
+
+    def defs_and_states(self, seen):
+        """Both from one scan of the run's documents (a launcher's start read them twice)."""
+        self._start_feed()  # from before the scan: no change is missed between the two
+        defs, states = [], {}
         for doc in self._scan("tokens", self.run):
             name = self._remember(doc)
-            out[name] = self.record_of(name, doc)
-        return out
+            states[name] = self.record_of(name, doc)
+            if seen is not None:
+                if name in seen:
+                    continue
+                seen.add(name)
+            defs.append(doc["pilotflow"]["def"])
+        return defs, states
 
     def changes(self, since):
         """(cursor, states changed since it): the database's changes feed, from its sequence."""
@@ -1864,8 +1879,8 @@ class Agent(object):
             for name in p.get("tokens", []):
                 owner_stage[name] = (p["pilot"], p.get("stage", 0))
         own_order = dict((n, i) for i, n in enumerate(mine.get("tokens", [])))
-        new = [Token(d, d.get("rank", len(self.tokens) + i)) for i, d in enumerate(self.pool.defs(self.defs_seen))]
-        known = self.pool.states() if len(new) > 200 else None  # one scan, or a look per token
+        defs, known = self.pool.defs_and_states(self.defs_seen)
+        new = [Token(d, d.get("rank", len(self.tokens) + i)) for i, d in enumerate(defs)]
         for t in new:
             owner = owner_stage.get(t.name)
             t.stage = owner[1] if owner else 0

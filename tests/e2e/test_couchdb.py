@@ -134,6 +134,20 @@ def test_8_launchers_2000_tokens_each_exactly_once(couchdb_server, tmp_path):
 
 
 @pytest.mark.couchdb
+def test_a_launcher_reads_the_tokens_once_at_its_start(couchdb_server, tmp_path):
+    from pilotflow.launcher import COUCH_PAGE, Agent
+    n = COUCH_PAGE + 300  # two pages a scan
+    _pool(tmp_path, couchdb_server.url, _db(), n, "true")
+    pool = open_pool(str(tmp_path))
+    pages = []
+    view = pool.db.view
+    pool.db.view = lambda design, name, query: pages.append(name) or view(design, name, query)
+    agent = Agent(pool, "p1", cores=1)
+    assert agent.load() == n and len(agent.tokens) == n
+    assert pages == ["tokens", "tokens"]  # one scan: definitions and states from the same pages
+
+
+@pytest.mark.couchdb
 def test_a_server_restarted_mid_run_loses_nothing(couchdb_server, tmp_path):
     n = 200
     pool = _pool(tmp_path, couchdb_server.url, _db(), n,
