@@ -48,6 +48,16 @@ def status_json(cwd: Path, run: str | None = None, env: dict | None = None) -> d
     return json.loads(p.stdout)
 
 
+def peak_concurrency(tokens) -> int:
+    """The most tokens running at once, from their recorded start and end (``status --json``)."""
+    edges = sorted(e for t in tokens for e in ((t["start"], 1), (t["end"], -1)))
+    running = peak = 0
+    for _, step in edges:
+        running += step
+        peak = max(peak, running)
+    return peak
+
+
 @pytest.fixture(autouse=True)
 def _empty_batch_queues(request):
     """Each test starts on an empty queue of the shared Slurm / Grid Engine: a pilot a test

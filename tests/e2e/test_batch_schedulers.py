@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import cli, status_json, write_bundle
+from tests.conftest import cli, peak_concurrency, status_json, write_bundle
 
 FAKE_PBS_BIN = Path(__file__).resolve().parents[1] / "fakes" / "pbs_bin"
 RECORD = 'mkdir -p rec; r=$(date +%s%N); {work} echo "$PILOTFLOW_TOKEN $PILOTFLOW_ATTEMPT $r $(date +%s%N)" > rec/$PILOTFLOW_TOKEN.$PILOTFLOW_ATTEMPT.$$'
@@ -118,11 +118,7 @@ walltime = "2s"''', "split")
         assert mine[1] == mine[0] + 1 and mine[0] % 2 == 0, mine
     # never more tasks at once on a node than its 4 cores
     for host in {a["host"] for a in agents}:
-        edges = sorted(e for t in st["tokens"].values() if t["host"] == host for e in ((t["start"], 1), (t["end"], -1)))
-        running = peak = 0
-        for _, step in edges:
-            running += step
-            peak = max(peak, running)
+        peak = peak_concurrency(t for t in st["tokens"].values() if t["host"] == host)
         assert peak <= 4, (host, peak)
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, cli, status_json, write_bundle
+from tests.conftest import ROOT, cli, peak_concurrency, status_json, write_bundle
 
 
 def test_examples_complete(work):
@@ -206,9 +206,4 @@ def test_two_launchers_per_node_share_its_cores_and_run_each_token_once(work):
     assert sorted(ran) == ["p1.0.end", "p1.1.end"] and min(ran.values()) > 0 and sum(ran.values()) == 606
     assert {json.loads(p.read_text())["cores"] for p in (pool / "agents").glob("p1.*.json")} == {1}
     # both launchers ran tasks at the same time, and never more at once than the node's 2 cores
-    edges = sorted([(t["start"], 1) for t in st["tokens"].values()] + [(t["end"], -1) for t in st["tokens"].values()])
-    running = peak = 0
-    for _, step in edges:
-        running += step
-        peak = max(peak, running)
-    assert peak == 2
+    assert peak_concurrency(st["tokens"].values()) == 2
