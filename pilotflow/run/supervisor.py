@@ -279,9 +279,20 @@ class Supervisor:
         """With no work left, pilots exit at once: see them end, so their events are complete."""
         s = self.s
         end = time.time() + timeout
+        cursor, agents = s.record.mirror.cursor(), s.record.mirror.agents()
+
+        def silent(p) -> bool:
+            """One of its launchers stopped beating more than lock_timeout ago, without an end
+            (a crashed node: its tokens were taken over; the job does not end by itself, and
+            the scheduler may take minutes to notice the node)."""
+            now = cursor.get(p.resource)
+            now = now.get("t") if isinstance(now, dict) else now
+            return isinstance(now, (int, float)) and any(
+                a.get("pilot") == p.id and "end" not in a and now - float(a.get("beat") or 0) > s.record.lock_timeout
+                for a in agents.values())
 
         def alive(p) -> bool:
-            return bool(p.job_id) and p.state not in FINISHED and not s.record.broken(p.resource)
+            return bool(p.job_id) and p.state not in FINISHED and not s.record.broken(p.resource) and not silent(p)
         # a pilot with nothing left exits within moments: look soon, then less often; a look
         # at this machine's processes costs nothing (no scheduler to ask): often for a second
         here = all(not s.record.resource(p.resource).remote and s.record.resource(p.resource).scheduler == "local"

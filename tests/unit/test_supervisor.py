@@ -247,3 +247,25 @@ def test_wait_looks_less_often_while_much_work_is_left_and_often_near_the_end():
     assert sup.pace(102.0, counts(400)) == 0.25  # 300/s, 600 left: 2 s
     assert sup.pace(103.0, counts(800)) == 0.1  # 400/s, 200 left: the last second
     assert sup.pace(104.0, counts(800)) == 0.25  # nothing finished since: no pace to go by
+
+
+def test_the_wind_down_waits_for_live_pilots_but_not_for_a_crashed_nodes(tmp_path):
+    import os
+    from pilotflow.run.supervisor import sync_run
+    record, clusters = start(tmp_path)
+    (p,) = record.pilots.values()
+    clusters["A"].jobs[p.job_id] = "RUNNING"  # the scheduler still says so
+    pool = Pool(record.pool("A"))
+    beat = pool.path("agents", f"{p.id}.0.json")
+    write_atomic(beat, dump({"pilot": p.id, "agent": 0, "start": time.time() - 10}))
+    sup = supervisor(record, clusters, Clock())
+    sync_run(sup.s)
+    t = time.time()
+    sup.wind_down(timeout=1.0)  # a launcher that beats: its pilot is waited for
+    assert time.time() - t >= 0.9
+    silent = time.time() - record.lock_timeout - 5
+    os.utime(beat, (silent, silent))  # no beat for longer than lock_timeout: a crashed node
+    sync_run(sup.s)
+    t = time.time()
+    sup.wind_down(timeout=10.0)
+    assert time.time() - t < 1.0 and record.pilots[p.id].state == "running"
