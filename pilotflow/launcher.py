@@ -3249,14 +3249,10 @@ def main(argv=None):
                    mpi_plugin=a.mpi_plugin)
         rc = ag.run()
         for pid in others:  # the batch script's end (and the pilot's exit record) waits for all of them
-            while True:
-                try:
-                    os.waitpid(pid, 0)
-                    break
-                except InterruptedError:
-                    continue
-                except OSError:
-                    break
+            try:
+                os.waitpid(pid, 0)  # (retried after a signal's handler: PEP 475)
+            except OSError:
+                pass  # reaped already, by the loop's waitpid(-1)
         return rc
     if a.cmd == "info":
         answer(info())

@@ -41,8 +41,8 @@ def assign_resources(bundle: Bundle, indices: list[int]) -> tuple[dict[str, list
             continue
         ok = tuple(r.name for r in resources if all(task_fits(tasks[i], r) for i in comp))
         if not ok:
-            t = tasks[comp[0]]
-            raise BundleError([f"{bundle.where(t.origin)} task '{bundle.tasks.names()[comp[0]]}' and the tasks linked to it by "
+            t = bundle.tasks[comp[0]]
+            raise BundleError([f"{bundle.where(t.origin)} task '{t.name}' and the tasks linked to it by "
                                "'after' fit no single resource; pin them or relax their needs"])
         if len(ok) == 1:
             fixed[ok[0]].extend(comp)

@@ -80,13 +80,13 @@ def _create(record: RunRecord, bundle: Bundle, plan: Plan, rp, inputs, transport
     pool = pool_path(res, resolve_root(res, t, bundle.base_dir), record.run, record.pools_taken())
     record.resources[res.name] = ResourceState.of(res, pool)
     record.save()
-    protos = bundle.tasks.protos()
     defs = [token_def(bundle.tasks[i], plan.rank[i], res) for i in sorted(rp.tasks, key=plan.rank.get)]
     meta = {"run": record.run, "lock_timeout": bundle.lock_timeout_s, "resource": res.name,
             "created": record.created, "logs": res.logs}
     if res.pool == "couchdb":
         meta["couchdb"] = couchdb_spec(res)
     create_pool(t, pool, meta, defs, python=res.python)
+    protos = bundle.tasks.protos()  # GPUs are a shape: a matrix's tasks are not made for them
     write_renewal(t, res, record.run, pool, renewal_gpus(res, [protos[i] for i in rp.tasks]))
     n = stage(t, bundle.base_dir, [p for i in rp.tasks for p in inputs.get(i, [])], pool)
     if n:

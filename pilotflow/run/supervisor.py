@@ -295,8 +295,8 @@ class Supervisor:
             return bool(p.job_id) and p.state not in FINISHED and not s.record.broken(p.resource) and not silent(p)
         # a pilot with nothing left exits within moments: look soon, then less often; a look
         # at this machine's processes costs nothing (no scheduler to ask): often for a second
-        here = all(not s.record.resource(p.resource).remote and s.record.resource(p.resource).scheduler == "local"
-                   for p in s.record.pilots.values() if alive(p))
+        here = all(not r.remote and r.scheduler == "local"
+                   for r in (s.record.resource(p.resource) for p in s.record.pilots.values() if alive(p)))
         pause, often = 0.05, time.time() + (1.0 if here else 0.0)
         while time.time() < end and any(alive(p) for p in s.record.pilots.values()):
             time.sleep(pause)
