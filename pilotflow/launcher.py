@@ -80,6 +80,7 @@ MOVED = "moved"  # handed over to another resource's pool: never claimable here 
 FINAL = (DONE, ERROR, MOVED)
 STATES = (TODO, LOCKED, DONE, ERROR, MOVED)
 LOST_LIMIT = 5  # attempts lost to dying pilots before a token is given up as error
+REAPER_NAP = 0.2  # seconds between the reaper's looks at what its launcher told it
 VERSION = 1
 # Helper answers are framed: a cluster's shell start-up files (.bashrc, module banners) may
 # print before the helper runs; the client reads only what follows the last marker.
@@ -546,10 +547,16 @@ class Pool(object):
             out[key] = rec
         return out
 
-    def dead_agents(self, timeout, now=None):
+    def dead_agents(self, timeout, now=None, since=None):
+        """Launchers that may have left locks behind: ended, or silent longer than ``timeout``.
+        With ``since``: not those that ended after it saying they held nothing (a launcher
+        running since then has seen every state they wrote; one started later must look, as
+        a file may contradict an end record)."""
         now = self.now() if now is None else now
         return set(k for k, rec in self.agents().items()
-                   if "end" in rec or now - rec["beat"] > timeout)
+                   if ("end" in rec or now - rec["beat"] > timeout) and not (
+                       since is not None and isinstance(rec.get("end"), dict) and rec["end"].get("held") == 0
+                       and float(rec["end"].get("end") or 0) >= since))
 
     # transitions ---------------------------------------------------------------------------
     def claim(self, name, attempt, record, keep=False):
@@ -1704,11 +1711,21 @@ def start_reaper(pool_root, pilot, agent):
             signal.signal(s, signal.SIG_IGN)
         live = {}
         buf = b""
-        while True:
-            chunk = os.read(r, 65536)
-            if not chunk:
-                break
-            buf += chunk
+        os.set_blocking(r, False)
+        eof = False
+        while not eof:
+            # a look every REAPER_NAP seconds, not a wake-up per message: the launcher's
+            # writes then wake nobody (two context switches per task on the pilot's cores)
+            time.sleep(REAPER_NAP)
+            while True:
+                try:
+                    chunk = os.read(r, 65536)
+                except (BlockingIOError, InterruptedError):
+                    break
+                if not chunk:
+                    eof = True
+                    break
+                buf += chunk
             while b"\n" in buf:
                 line, buf = buf.split(b"\n", 1)
                 parts = line.decode("utf-8").split(" ")
@@ -1853,6 +1870,7 @@ class Agent(object):
         self.stopping = None
         self.exit_reason = "no claimable work left"
         self.reaper = None
+        self.reaper_buf = []  # "-" lines not yet written (they go with the next "+")
         self.ran = 0
         self.taken_over = 0  # tokens of stale launchers this one handed back
         env = dict(os.environ)
@@ -1959,6 +1977,8 @@ class Agent(object):
             if ended and not self.stopping and not self.unwritten:
                 started += self.fill()
             self.pool.flush()  # results held back for this turn's claims: written by now
+            if self.reaper_buf:
+                self.tell_reaper("")  # ends not sent with a start
             if self.stopping == "term":
                 break
             now = time.time()
@@ -2270,7 +2290,7 @@ class Agent(object):
                 self.mem_free += t.memory
                 self.give_gpus(t)
             self.give_lane(t)
-            self.tell_reaper("- %d\n" % pid)
+            self.tell_reaper("- %d\n" % pid, later=True)
             code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status)
             ended.append((t, start, code))
         if ended:
@@ -2392,7 +2412,7 @@ class Agent(object):
     def take_over_stale(self):
         """Tokens locked by launchers whose heartbeat stopped go back to todo (and usually
         to us, since we are idle). Returns how many became claimable."""
-        dead = self.pool.dead_agents(self.lock_timeout)
+        dead = self.pool.dead_agents(self.lock_timeout, since=self.started)
         dead.discard(self.key)
         if not dead:
             return 0
@@ -2676,12 +2696,27 @@ class Agent(object):
             except OSError:
                 pass
 
+    def nothing_left(self):
+        """Whether, without reading every state, no work can be left for a follow-up: no new
+        definitions, every token ended or held by another launcher as we saw it last, nothing
+        handed back since, and no launcher that may hold tokens died (the others, still
+        running or ended with nothing held, finish theirs and make this check in their turn)."""
+        pool = self.pool
+        if pool.defs_changed(self.defs_seen) or any(t.status not in FINAL and t.status != "other"
+                                                    for t in self.tokens.values()):
+            return False
+        for name in pool.returned(self.returns_seen):  # (a retry may have made one todo again)
+            t = self.tokens.get(name)
+            if t is None or t.status not in FINAL or pool.state(name, hint=t.attempt).get("state") not in FINAL:
+                return False
+        return not (pool.dead_agents(self.lock_timeout, since=self.started) - set([self.key]))
+
     def _renew(self, spec):
         pool, me = self.pool, self.key
         if live_pilots(pool, me):
             return None  # a live pilot takes what is left (and renews in its turn)
-        if all(t.status in FINAL for t in self.tokens.values()) and not pool.defs_changed(self.defs_seen):
-            return None  # every token ended, as we saw them, and none came since: no scan of them all
+        if self.nothing_left():
+            return None  # no scan of every token's state (at a million tokens: seconds)
         defs = pool.defs()
         dead = pool.dead_agents(self.lock_timeout)
         if not work_left(pool, defs, pool.states(), dead):
@@ -2723,12 +2758,20 @@ class Agent(object):
     def touch(self):
         self.pool.beat_agent(self.key)
 
-    def tell_reaper(self, line):
-        if self.reaper is not None:
-            try:
-                os.write(self.reaper, line.encode("utf-8"))
-            except OSError:
-                self.reaper = None
+    def tell_reaper(self, line, later=False):
+        """Tell the reaper a task's process group started ("+") or ended ("-"). An end may
+        wait for the next message (one write per task): the reaper only acts when we die, on
+        what it was told by then, and a late "-" only costs a kill of a group already gone."""
+        self.reaper_buf.append(line)
+        if later or self.reaper is None:
+            if self.reaper is None:
+                del self.reaper_buf[:]
+            return
+        data, self.reaper_buf = "".join(self.reaper_buf), []
+        try:
+            os.write(self.reaper, data.encode("utf-8"))
+        except OSError:
+            self.reaper = None
 
     def shutdown(self):
         """Stop what runs (if anything) and hand those tokens back; leave an end record."""
@@ -2765,11 +2808,14 @@ class Agent(object):
         try:
             end = time.time()
             idle = self.idle_s + (end - self.idle_since if self.idle_since is not None else 0.0)
+            # "held": tokens it leaves locked (results it could not write); with none, the
+            # others need not look through what it ran for locks to take over
             self.pool.end_agent(self.key, {"end": end, "reason": self.exit_reason, "ran": self.ran,
-                                           "idle": round(idle, 1)})
+                                           "idle": round(idle, 1), "held": len(self.unwritten)})
         except OSError:
             pass  # no end record: others see the heartbeat stop instead
         if self.reaper is not None:
+            self.tell_reaper("")
             os.close(self.reaper)
             self.reaper = None
 
@@ -3241,13 +3287,15 @@ def main(argv=None):
         others = []
         if a.launchers > 1:
             agent, cores, memory, others = split_node(a.launchers, agent, cores, memory)
-            if not others:  # a forked launcher: a pool object of its own (a database pool's connection)
+            if others is None:  # a forked launcher: a pool object of its own (a database pool's connection)
                 pool = open_pool(a.pool, spec)
         ag = Agent(pool, a.pilot, agent=agent, cores=cores, memory=memory, walltime=a.walltime or None,
                    idle_timeout=a.idle_timeout, poll=a.poll, steal_delay=a.steal_delay, warn_grace=a.warn_grace,
                    deadline=a.deadline, mpi=a.mpi, node=node_name(a.node_var), gpus=node_gpus(a.gpus, a.gpu_var),
                    mpi_plugin=a.mpi_plugin)
         rc = ag.run()
+        if others is None:  # a forked launcher never returns into its parent's caller
+            _exit_now(rc)
         for pid in others:  # the batch script's end (and the pilot's exit record) waits for all of them
             try:
                 os.waitpid(pid, 0)  # (retried after a signal's handler: PEP 475)
@@ -3367,7 +3415,7 @@ def split_node(k, agent, cores, memory):
     """``run --launchers K``: fork K-1 more launchers of this node, each with an equal share
     of its cores and memory; node N's launchers are agents N*K .. N*K+K-1 (a resource with
     launchers_per_node has no multi-node tasks: no gang counts nodes by agent). Returns this
-    process's (agent, cores, memory, pids of the forked ones: empty in those)."""
+    process's (agent, cores, memory, pids of the forked ones: None in those)."""
     k = max(1, min(k, cores))
     shares = [(cores // k + (j < cores % k), memory // k) for j in range(k)]
     sys.stdout.flush()
@@ -3376,7 +3424,7 @@ def split_node(k, agent, cores, memory):
     for j in range(1, k):
         pid = os.fork()
         if pid == 0:
-            return (agent * k + j,) + shares[j] + ([],)
+            return (agent * k + j,) + shares[j] + (None,)
         pids.append(pid)
     return (agent * k,) + shares[0] + (pids,)
 
@@ -3389,5 +3437,17 @@ def _node_cores():
         return os.cpu_count() or 1
 
 
+def _exit_now(rc):
+    """Exit without the interpreter's teardown: freeing what a launcher held (at a million
+    tokens, millions of objects) costs seconds before the batch script sees the end. Every
+    file is written with os-level calls or closed already; the streams are flushed here."""
+    for f in (sys.stdout, sys.stderr):
+        try:
+            f.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(rc or 0)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    _exit_now(main())
