@@ -21,7 +21,7 @@ from pilotflow.bundle.expand import (AfterResolver, Substituter, check_matrix_si
                                      matrix_values, token_lines)
 from pilotflow.bundle.fit import unfit
 from pilotflow.bundle.model import (DEFAULT_BATCH_MAX_WALLTIME_S, DEFAULT_LOCK_TIMEOUT_S, DEFAULT_WALLTIME_S,
-                                    Bundle, Resource, Task, local_resource)
+                                    Bundle, Resource, Task, local_resource, this_python)
 from pilotflow.bundle.picas import picas_tasks
 from pilotflow.bundle.tasks import TaskBlock, Tasks
 from pilotflow.bundle.schema import (BUNDLE_KEYS, RESOURCE_KEYS, TASK_FIELDS, TASK_KEYS, TASKS_FROM_KEYS, TOP_KEYS,
@@ -115,6 +115,8 @@ def load_resources(data: dict, pb: Problems) -> list[Resource]:
             vals.setdefault("max_walltime", DEFAULT_BATCH_MAX_WALLTIME_S)
         else:
             vals.setdefault("cores_per_node", os.cpu_count() or 1)
+            if "host" not in vals:  # this machine: the interpreter we run on
+                vals.setdefault("python", this_python())
         if "max_walltime" in vals:
             vals["max_walltime_s"] = vals.pop("max_walltime")
         if "memory_per_node" in vals:

@@ -7,6 +7,8 @@ TOML); the planner, the renderer and the run machinery only ever see these types
 from __future__ import annotations
 
 import os
+import shlex
+import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -128,8 +130,15 @@ class Bundle:
 def local_resource(**overrides: Any) -> Resource:
     """The implicit resource: this machine, all its cores, one node, no walltime limit."""
     base = Resource(name="local", scheduler="local", cores_per_node=os.cpu_count() or 1,
-                    max_nodes=1, max_walltime_s=None)
+                    max_nodes=1, max_walltime_s=None, python=this_python())
     return replace(base, **overrides)
+
+
+def this_python() -> str:
+    """The interpreter pilotflow runs on, as shell words: what a pilot on this machine runs
+    its launcher with unless the resource names one. A ``python3`` found on PATH may be a shim
+    that costs every pilot start ~0.1 s (pyenv's, measured here), or another version."""
+    return shlex.quote(sys.executable) if sys.executable else "python3"
 
 
 def location(path: Path | None, lines: LineMap | None, origin: tuple) -> str:
