@@ -7,6 +7,8 @@ their heartbeat to go stale.
 
 from __future__ import annotations
 
+import os
+import select
 import time
 
 from pilotflow.errors import ExternalError
@@ -80,6 +82,36 @@ def refresh_pilots(s: Session) -> list[str]:
     if changed:
         record.save()
     return changed
+
+
+def nap(s: Session, seconds: float, woken: set[str]) -> bool:
+    """Sleep ``seconds``, or less: until a pilot running as a process on this machine ends
+    (its tokens' last states are written just before), so that ``wait`` sees the end at once
+    instead of at its next look. Linux pidfds; a plain sleep elsewhere and for batch pilots.
+    Returns whether a pilot ended; each wakes it once (``woken``: their job ids)."""
+    fds: dict[int, str] = {}
+    try:
+        for p in s.record.pilots.values():
+            res = s.record.resource(p.resource)
+            if not p.job_id or p.job_id in woken or p.state in FINISHED or res.remote:
+                continue
+            for pid in backend(res).pids([p.job_id]):
+                try:
+                    fds[os.pidfd_open(pid)] = p.job_id
+                except ProcessLookupError:
+                    woken.add(p.job_id)  # gone already
+                    return True
+                except (AttributeError, OSError):  # no pidfds here (not Linux, or older than 5.3)
+                    pass
+        if not fds:
+            time.sleep(seconds)
+            return False
+        ready, _, _ = select.select(list(fds), [], [], seconds)
+        woken.update(fds[fd] for fd in ready)
+        return bool(ready)
+    finally:
+        for fd in fds:
+            os.close(fd)
 
 
 def adopt_renewals(s: Session, resource: str, rounds: dict) -> list[str]:

@@ -18,7 +18,7 @@ from typing import Callable, Protocol
 from pilotflow.errors import ExternalError, PilotflowError, RunFailed, UsageError
 from pilotflow.run.failover import broken, fail_over, fail_over_refused
 from pilotflow.run.records import RunRecord
-from pilotflow.run.pilots import adopt_renewals, refresh_pilots, release_dead
+from pilotflow.run.pilots import adopt_renewals, nap, refresh_pilots, release_dead
 from pilotflow.run.sync import OutputFetcher, Session, Snapshot, sync_states
 from pilotflow.schedulers.base import FINISHED
 
@@ -157,6 +157,7 @@ class Supervisor:
         self.delay = 0.25
         self.ask_every, self.asked, self.progress = 10.0, 0.0, clock()
         self.seen = (clock(), -1)  # (when, tokens finished): the pace, for how often to look
+        self.woken: set[str] = set()  # job ids of pilots on this machine whose end cut a pause short
 
     def step(self, *, watch_only: bool = False) -> Step:
         """One round; raises RunFailed / UsageError when the run cannot go on by itself."""
@@ -193,6 +194,12 @@ class Supervisor:
         for name in idle:
             self.follow_up(snap, name)
         return Step(snap, counts, self.delay)
+
+    def pause(self, seconds: float) -> None:
+        """Until the next step; a pilot on this machine that ends cuts it short, and the
+        schedulers are asked at the next step."""
+        if nap(self.s, seconds, self.woken):
+            self.asked = 0.0
 
     def pace(self, now: float, counts: dict[str, int]) -> float:
         """A look every 0.25 s while tokens change, but once a second while more than 3 s of
@@ -298,6 +305,11 @@ class Supervisor:
         here = all(not r.remote and r.scheduler == "local"
                    for r in (s.record.resource(p.resource) for p in s.record.pilots.values() if alive(p)))
         pause, often = 0.05, time.time() + (1.0 if here else 0.0)
+        if here:  # (they may have ended already: the pause woke when one did)
+            try:
+                refresh_pilots(s)
+            except PilotflowError:
+                pass
         while time.time() < end and any(alive(p) for p in s.record.pilots.values()):
             time.sleep(pause)
             if time.time() > often:
@@ -345,7 +357,7 @@ def wait(record: RunRecord, view: Observer | None = None, *, callbacks=(), watch
             fetcher.submit(s.take_changed())
             if st.sleep is None:
                 break
-            time.sleep(st.sleep)
+            sup.pause(st.sleep)
         sup.wind_down()
         fetcher.submit(list(s.known))  # whatever changed in a sync the loop did not see
         fetcher.finish()

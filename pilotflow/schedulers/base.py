@@ -102,6 +102,11 @@ class Scheduler(ABC):
         machine and that needs no program of its own; None: run ``status_argv``."""
         return None
 
+    def pids(self, job_ids: list[str]) -> list[int]:
+        """The processes on this machine whose end is the jobs' end (``wait`` wakes when one
+        ends); none where a scheduler runs them elsewhere."""
+        return []
+
     @abstractmethod
     def parse_status(self, stdout: str, job_ids: list[str]) -> dict[str, JobState]:
         """States of the jobs found; a job missing from the answer is not in the dict."""

@@ -69,6 +69,9 @@ class Local(Scheduler):
         exec(_PROBE_BODY, {"PIDS": list(job_ids), "print": lambda *a: lines.append(" ".join(map(str, a)))})
         return "\n".join(lines) + "\n"
 
+    def pids(self, job_ids):
+        return [int(j) for j in job_ids if j.isdigit()]
+
     def parse_status(self, stdout, job_ids):
         out = {}
         for line in stdout.splitlines():
