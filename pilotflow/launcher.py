@@ -3110,6 +3110,7 @@ def _nonblock(fd):
 
 
 _POSIX_SPAWN = getattr(os, "posix_spawn", None)
+_DEFAULT_SIGNALS = tuple(getattr(signal, n) for n in ("SIGPIPE", "SIGXFSZ") if hasattr(signal, n))
 
 # A command of plain words runs without a shell: the same program, arguments and exit code
 # as through ``sh -c``, one exec fewer (a null task's cost is mostly its execs). Plain: no
@@ -3159,7 +3160,10 @@ def spawn(command, env, out, err, argv=None, path=None):
             else:
                 actions.append((os.POSIX_SPAWN_OPEN, fd, target, flags, 0o644))  # novm
         try:
-            return _POSIX_SPAWN(path or _which(argv[0], env), argv, env, file_actions=actions, setpgroup=0)
+            # setsigdef: Python ignores SIGPIPE and SIGXFSZ, and an ignored signal stays ignored
+            # across exec (`producer | head` would not end, but fail writing)
+            return _POSIX_SPAWN(path or _which(argv[0], env), argv, env, file_actions=actions, setpgroup=0,
+                                setsigdef=_DEFAULT_SIGNALS)
         except OSError as e:
             if path is None or e.errno != errno.ENOEXEC:
                 raise

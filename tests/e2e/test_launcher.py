@@ -472,3 +472,37 @@ def test_a_helper_call_that_claims_leaves_no_journal_open(tmp_path):
         assert launcher.helper(str(tmp_path), "move", {"names": [name], "to": "elsewhere"}) == {"moved": [name]}
     assert len(os.listdir("/proc/self/fd")) == before
     assert {n: d["state"] for n, d in Pool(str(tmp_path)).states().items()} == {"t00000": "moved", "t00001": "moved"}
+
+
+def test_tasks_start_with_sigpipe_and_sigxfsz_at_their_defaults(tmp_path):
+    """Python ignores both, and an ignored signal stays ignored across exec: `yes | head`
+    would end with yes failing its write ("Broken pipe") instead of being stopped quietly."""
+    cases = {"t00000": "yes | head -n 1 > /dev/null; grep SigIgn /proc/self/status",  # through the shell
+             "t00001": "grep SigIgn /proc/self/status"}  # exec'd directly
+    pool = Pool.create(str(tmp_path), {"run": "test", "lock_timeout": 300, "logs": "per-token"})
+    pool.add_defs([{"name": n, "command": c, "walltime": 5, "rank": i} for i, (n, c) in enumerate(cases.items())])
+    pool.write_plan("p1", list(cases))
+    subprocess.run([sys.executable, str(LAUNCHER), "run", str(tmp_path), "--pilot", "p1", "--cores", "2",
+                    "--poll", "0.1"], check=True, capture_output=True, timeout=60)
+    for name in cases:
+        assert pool.state(name)["state"] == "done", pool.state(name)
+        assert (tmp_path / "logs" / f"{name}.1.err").read_text() == ""  # no "yes: ... Broken pipe"
+        ignored = int((tmp_path / "logs" / f"{name}.1.out").read_text().split()[-1], 16)
+        assert not ignored & (1 << (signal.SIGPIPE - 1) | 1 << (signal.SIGXFSZ - 1)), hex(ignored)
+
+
+def test_the_reaper_is_not_woken_for_each_task(tmp_path):
+    """It looks at what its launcher told it a few times a second: 400 tasks must not cost it
+    800 wake-ups on the cores the tasks run on. The last task reads the reaper's count."""
+    probe = ("grep ^voluntary_ctxt_switches "
+             "/proc/$(sed -n 's/.*\"reaper\": *\\([0-9]*\\).*/\\1/p' ../agents/p1.0.json)/status")
+    n = 400
+    pool = Pool.create(str(tmp_path), {"run": "test", "lock_timeout": 300, "logs": "per-token"})
+    pool.add_defs([{"name": f"t{i:05d}", "command": "true" if i < n else probe, "walltime": 5, "rank": i}
+                   for i in range(n + 1)])
+    pool.write_plan("p1", [f"t{i:05d}" for i in range(n + 1)])
+    subprocess.run([sys.executable, str(LAUNCHER), "run", str(tmp_path), "--pilot", "p1", "--cores", "1",
+                    "--poll", "0.1"], check=True, capture_output=True, timeout=120)
+    assert all(d["state"] == "done" for d in pool.states().values())
+    switches = int((tmp_path / "logs" / f"t{n:05d}.1.out").read_text().split()[-1])
+    assert switches < n / 4, switches

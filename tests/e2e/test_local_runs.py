@@ -207,3 +207,26 @@ def test_two_launchers_per_node_share_its_cores_and_run_each_token_once(work):
     assert {json.loads(p.read_text())["cores"] for p in (pool / "agents").glob("p1.*.json")} == {1}
     # both launchers ran tasks at the same time, and never more at once than the node's 2 cores
     assert peak_concurrency(st["tokens"].values()) == 2
+
+
+def test_wait_wakes_when_a_pilot_on_this_machine_ends_not_at_its_next_look(work):
+    """A pilot here is a process: its end (its tokens' last states are written just before)
+    cuts the pause between two looks short, once per pilot; `wait` then returns at once."""
+    from pilotflow.bundle import bundle_from_dict
+    from pilotflow.run.pilots import nap
+    from pilotflow.run.start import new_run
+    from pilotflow.run.sync import Session
+    bundle = bundle_from_dict({"bundle": {"name": "nap"}, "task": [{"name": "a", "command": "sleep 0.5"}]},
+                              path=work / "jobs.toml")
+    record, _ = new_run(bundle, cwd=work)
+    s = Session(record)
+    woken: set[str] = set()
+    t = time.time()
+    assert nap(s, 30.0, woken)
+    assert time.time() - t < 10 and woken == {record.pilots["p1"].job_id}
+    t = time.time()
+    assert not nap(s, 0.3, woken)  # that pilot does not wake it again
+    assert time.time() - t >= 0.29
+    cli("wait", record.run, cwd=work, check=0)
+    st = status_json(work, record.run)
+    assert st["finished"] and st["counts"]["done"] == 1

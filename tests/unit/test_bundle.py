@@ -37,6 +37,40 @@ def test_tasks_only_bundle_gets_the_local_resource(tmp_path):
     assert (t.cores, t.walltime_s, t.retries, t.after) == (1, 600, 0, ())
 
 
+def test_pilots_on_this_machine_run_the_interpreter_pilotflow_runs_on(tmp_path):
+    """Not a python3 found on PATH (a shim here: pyenv's costs ~0.1 s a start; or another
+    version); a resource that names its python, or one reached over SSH, keeps it."""
+    import shlex
+    import sys
+    b = load_bundle(write(tmp_path, """
+        [bundle]
+        name = "py"
+        [[resource]]
+        name = "here"
+        scheduler = "local"
+        [[resource]]
+        name = "named"
+        scheduler = "local"
+        python = "/opt/py/bin/python3"
+        [[resource]]
+        name = "there"
+        scheduler = "local"
+        host = "node7"
+        [[resource]]
+        name = "cluster"
+        scheduler = "slurm"
+        cores_per_node = 8
+        [[task]]
+        name = "a"
+        command = "true"
+        resource = "here"
+    """))
+    assert {r.name: r.python for r in b.resources} == {
+        "here": shlex.quote(sys.executable), "named": "/opt/py/bin/python3", "there": "python3", "cluster": "python3"}
+    implicit = load_bundle(write(tmp_path, '[bundle]\nname = "i"\n[[task]]\nname = "a"\ncommand = "true"\n', "i.toml"))
+    assert implicit.resources[0].python == shlex.quote(sys.executable)
+
+
 def test_defaults_apply_and_tasks_override(tmp_path):
     b = load_bundle(write(tmp_path, """
         [bundle]

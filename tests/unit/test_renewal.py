@@ -207,3 +207,41 @@ def test_a_claim_being_written_is_an_open_round_not_a_stale_one(tmp_path):
     assert claim_round(pool, "p2.0") == 2
     assert not wait_earlier_rounds(pool, 2, time.time() + 0.5)  # round 1 is still being claimed
     assert claim_round(pool, "p3.0") == 3 and not [f for f in os.listdir(pool.path("followups")) if "tmp" in f]
+
+
+def test_an_ending_launcher_decides_against_renewal_without_reading_every_state(tmp_path, monkeypatch):
+    """Every token ended or is held by a launcher that lives or ended saying it held nothing:
+    no scan (at a million tokens, seconds at every launcher's end). Anything else: the scan."""
+    pool = make_pool(tmp_path, n=4)
+    me = Agent(pool, "p1", agent=0, cores=4, deadline=time.time() + 30)
+    me.record()
+    me.load()
+    for name, status in (("t0", "done"), ("t1", "error"), ("t2", "other"), ("t3", "other")):
+        me.tokens[name].status = status
+    sibling = Agent(pool, "p1", agent=1, cores=4)
+    sibling.record()  # beating: alive
+    assert me.nothing_left()
+
+    def end(**rec):
+        write_atomic(pool.path("agents", "p1.1.end"), dump(dict({"end": time.time(), "ran": 2}, **rec)))
+    end(held=0)
+    assert me.nothing_left()
+    monkeypatch.setattr(Pool, "states", lambda self: pytest.fail("read every state"))
+    me.renew()
+    assert submitted(pool) == []
+    monkeypatch.undo()
+    end()  # an end without "held" (written by someone else, or an older launcher)
+    assert not me.nothing_left()
+    end(held=0, end=me.started - 1)  # ended before we started: a file may contradict it
+    assert not me.nothing_left()
+    end(held=1)  # results it could not write stay locked
+    assert not me.nothing_left()
+    os.remove(pool.path("agents", "p1.1.end"))
+    old = time.time() - 60  # silent longer than the lock timeout (30 s)
+    os.utime(pool.path("agents", "p1.1.json"), (old, old))
+    assert not me.nothing_left()
+    os.utime(pool.path("agents", "p1.1.json"))
+    assert me.nothing_left()
+    pool.put("t2", {"token": "t2", "state": "todo", "attempt": 1})
+    pool.note_return("t2", 1)  # handed back since we last looked
+    assert not me.nothing_left()
