@@ -8,7 +8,6 @@ shortest makespan (work balanced against each resource's pilot capacity).
 
 from __future__ import annotations
 
-import math
 from collections import Counter
 
 from pilotflow.bundle import Bundle, Resource, Task, task_fits

@@ -66,7 +66,6 @@ class Stage:
 
     def alone(self, count: Counts, nodes: int, limit: float | None):
         """Simulate one pilot on its own (dependencies on other pilots count as met)."""
-        r = self.res
         return simulate(self.sim_groups([count]), [self.sim_pilot(nodes, limit)], steal=False)
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import glob
 import os
 import time
-from dataclasses import replace
 from pathlib import Path, PurePosixPath
 from typing import Callable
 
@@ -19,11 +18,11 @@ from pilotflow.errors import BundleError, ExternalError, UsageError
 from pilotflow.launcher import Pool, dump, shard_width, write_atomic
 from pilotflow.planning.plan import Plan, make_plan
 from pilotflow.planning.sizing import PILOT_OVERHEAD_S
-from pilotflow.render import default_root, pool_path, render_pilot, render_renewal
-from pilotflow.run.records import PilotRecord, ResourceState, RunRecord, new_run_id, runs_dir
+from pilotflow.render import default_root, render_pilot, render_renewal
+from pilotflow.run.records import PilotRecord, RunRecord
 from pilotflow.schedulers import backend
 from pilotflow.schedulers.base import job_name
-from pilotflow.transport import RETRY_DELAYS, Transport, connect
+from pilotflow.transport import RETRY_DELAYS, Transport
 
 
 def token_def(t: Task, rank: int, res: Resource | None = None) -> dict:

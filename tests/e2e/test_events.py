@@ -10,7 +10,7 @@ import pytest
 import pilotflow
 from pilotflow.errors import RunFailed
 from pilotflow.run.events import token_events
-from tests.conftest import cli, write_bundle
+from tests.conftest import cli
 
 EXPECTED = {
     "a": [("todo", "locked"), ("locked", "done")],

@@ -3,13 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
 import time
 from pathlib import Path
-
-import pytest
 
 from tests.conftest import ROOT, cli, peak_concurrency, status_json, write_bundle
 

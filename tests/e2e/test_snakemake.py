@@ -4,7 +4,6 @@ leaving no pilot behind."""
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal

@@ -3,7 +3,6 @@ host keys). Marked ``ssh``; the Slurm-through-SSH test also needs the local Slur
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess

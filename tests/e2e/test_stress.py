@@ -4,7 +4,6 @@ and memory that does not grow with the number of tokens done."""
 from __future__ import annotations
 
 import os
-import resource
 import subprocess
 import sys
 import time

@@ -6,7 +6,6 @@ and review the diff.
 """
 
 import os
-import re
 import time
 import subprocess
 from pathlib import Path
