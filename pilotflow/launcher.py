@@ -293,7 +293,7 @@ class Pool(object):
         return d
 
     def _file(self, name, attempt, suffix=""):
-        return os.path.join(self.shard(name), "%s.%d%s" % (name, attempt, suffix))
+        return "%s/%s.%d%s" % (self.shard(name), name, attempt, suffix)
 
     def latest(self, name, hint=None):
         """The newest attempt that has a file (0: none), probing upwards from ``hint``."""
@@ -1650,7 +1650,7 @@ class Token(object):
     __slots__ = ("name", "command", "shell", "cores", "walltime", "memory", "env", "deps", "retries", "rank",
                  "stage", "own", "status", "attempt", "failures", "lost", "unmet", "queued", "scrubs",
                  "nodes", "mpi", "ranks", "ranks_per_node", "gpus", "gpu_ids", "gpu_held", "lane", "log", "history",
-                 "claim_fd", "ended")
+                 "claim_fd", "ended", "beat0")
 
     def __init__(self, d, rank):
         self.name = d["name"]
@@ -1676,6 +1676,7 @@ class Token(object):
         self.history = ()  # its earlier attempts, as its record keeps them (see HISTORY)
         self.claim_fd = None  # its current attempt's file, held open to append the result
         self.ended = None  # when its current attempt was seen to end (its result is written later)
+        self.beat0 = 0.0  # our last heartbeat before its current attempt started
         self.rank = rank
         self.stage = 0
         self.own = False
@@ -1825,6 +1826,7 @@ class Agent(object):
         self.cores = self.free = cores
         self.memory = self.mem_free = memory  # 0: not limited
         self.started = time.time()
+        self.last_beat = 0.0  # when our heartbeat was last written
         self.idle_s = 0.0  # seconds with no task running (in its end record; status and report show it)
         self.idle_since = self.started
         if deadline is None and walltime:
@@ -2120,7 +2122,7 @@ class Agent(object):
 
     def start(self, t, now):
         t.ended = None
-        log = self.pool.path("logs", "%s.%d" % (t.name, t.attempt))
+        t.beat0 = self.last_beat
         env = dict(self.base_env)
         env["PILOTFLOW_TOKEN"] = t.name
         env["PILOTFLOW_CORES"] = str(t.cores)
@@ -2137,7 +2139,8 @@ class Agent(object):
         argv = None
         if t.mpi:  # ranks on this node, through the scheduler's launcher
             n = t.ranks or t.cores
-            argv = mpi_argv(self.mpi, t, [(self.host, n)], log + ".hosts", max(1, t.cores // n), env,
+            hosts = self.pool.path("logs", "%s.%d.hosts" % (t.name, t.attempt))
+            argv = mpi_argv(self.mpi, t, [(self.host, n)], hosts, max(1, t.cores // n), env,
                             self.mpi_plugin)
         elif t.shell:
             argv = [t.shell, "-c", t.command]
@@ -2323,13 +2326,18 @@ class Agent(object):
             self.pool.close_claim(fd)
 
     def finish(self, t, start, code, reason):
-        if not (self.pool.CONDITIONAL and t.claim_fd is not None) and self.pool.released(t.name, t.attempt):
+        # the end it was reaped at: its result is written after the next tasks started
+        end = t.ended or time.time()
+        # others hand an attempt back only once our heartbeat is older than lock_timeout: not
+        # if it never was older than half of that while the task ran (two looks at files saved)
+        if (not (self.pool.CONDITIONAL and t.claim_fd is not None) and end - t.beat0 >= self.lock_timeout / 2.0
+                and self.pool.released(t.name, t.attempt)):
             # handed back while it ran (we looked dead to others): the result is void
+            t.ended = None
             self.drop_claim(t)
             self.set_status(t, "other")
             return
-        # the end it was reaped at: its result is written after the next tasks started
-        end, t.ended = t.ended or time.time(), None
+        t.ended = None
         if code == 0:
             self.set_status(t, DONE)
             doc = self.doc(t, DONE, start=start, end=end, exit_code=0, reason="")
@@ -2657,15 +2665,20 @@ class Agent(object):
             pass
 
     def record(self):
+        now = time.time()
         self.pool.write_agent(self.key, {"pilot": self.pilot, "agent": self.agent, "host": self.host, "node": self.host,
                            "pid": os.getpid(),
                            "start": self.started, "cores": self.cores, "version": VERSION,
                            "reaper": getattr(self, "reaper_pid", None),
                            "deadline": self.deadline})
+        self.last_beat = now
 
     def beat(self):
         """Heartbeat; and stop any task whose attempt was handed back to others meanwhile."""
-        if not self.pool.beat_agent(self.key):
+        now = time.time()
+        if self.pool.beat_agent(self.key):
+            self.last_beat = now
+        else:
             try:
                 self.record()
             except OSError:
