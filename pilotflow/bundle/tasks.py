@@ -59,6 +59,17 @@ class TaskBlock(Sequence):
             raise IndexError(i)
         return self._make(self.values(i), self.names[i])
 
+    def varying(self) -> tuple[str, ...]:
+        """The fields made from each task's values; the template holds the others."""
+        return tuple(f for f, _ in self._fields)
+
+    def varied(self, i: int) -> dict:
+        """Task ``i``'s varying fields and its name, without making the task."""
+        values = self.values(i)
+        kw = {f: make(values) for f, make in self._fields}
+        kw["name"] = self.names[i]
+        return kw
+
     def _fields_of(self, values: dict[str, str], name: str) -> dict:
         kw = dict(self._base)
         for f, make in self._fields:
@@ -113,12 +124,17 @@ class Tasks(Sequence):
             i += self._len
         if not 0 <= i < self._len:
             raise IndexError(i)
-        k = bisect.bisect_right(self._starts, i) - 1
-        return self._parts[k][i - self._starts[k]]
+        part, j = self.locate(i)
+        return part[j]
 
     def __iter__(self) -> Iterator[Task]:
         for p in self._parts:
             yield from p
+
+    def locate(self, i: int) -> tuple[TaskBlock | list, int]:
+        """The block (or list) holding task ``i``, and its index there."""
+        k = bisect.bisect_right(self._starts, i) - 1
+        return self._parts[k], i - self._starts[k]
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Sequence):

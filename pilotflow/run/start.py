@@ -21,7 +21,7 @@ from pilotflow.render import pool_path, renewal_gpus
 from pilotflow.run.failover import fail_over_refused
 from pilotflow.run.pilots import cancel_pilots
 from pilotflow.run.records import ResourceState, RunRecord, new_run_id, runs_dir
-from pilotflow.run.submit import (couchdb_spec, create_pool, resolve_root, stage, staged_inputs, submit_pilots, token_def,
+from pilotflow.run.submit import (couchdb_spec, create_pool, resolve_root, stage, staged_inputs, submit_pilots, token_defs,
                                   write_renewal)
 from pilotflow.run.sync import Session
 from pilotflow.transport import Transport, connect
@@ -80,7 +80,7 @@ def _create(record: RunRecord, bundle: Bundle, plan: Plan, rp, inputs, transport
     pool = pool_path(res, resolve_root(res, t, bundle.base_dir), record.run, record.pools_taken())
     record.resources[res.name] = ResourceState.of(res, pool)
     record.save()
-    defs = [token_def(bundle.tasks[i], plan.rank[i], res) for i in sorted(rp.tasks, key=plan.rank.get)]
+    defs = token_defs(bundle.tasks, sorted(rp.tasks, key=plan.rank.get), plan.rank, res)
     meta = {"run": record.run, "lock_timeout": bundle.lock_timeout_s, "resource": res.name,
             "created": record.created, "logs": res.logs}
     if res.pool == "couchdb":

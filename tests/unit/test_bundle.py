@@ -561,3 +561,46 @@ def test_a_blocks_records_are_its_tasks_records(tmp_path):
     rows = list(tasks.field_dicts(task_to_dict))
     assert rows == [task_to_dict(t) for t in tasks] and len(rows) == 8 and rows[-1]["cores"] == 2
     assert rows[1]["name"] == "a1-y" and rows[1]["env"] == (("J", "y"),) and rows[1]["inputs"] == ("in/1.txt",)
+
+
+def test_a_blocks_token_definitions_are_its_tasks_without_making_them(tmp_path):
+    from pilotflow.bundle import Task
+    from pilotflow.bundle.tasks import Tasks
+    from pilotflow.run.submit import token_def, token_defs
+    b = load_bundle(write(tmp_path, """
+        [bundle]
+        name = "defs"
+        [[resource]]
+        name = "r"
+        scheduler = "slurm"
+        cores_per_node = 8
+        max_nodes = 4
+        gpus_per_node = 2
+        [[task]]
+        name = "a{i}-{j}"
+        command = "run {i} {j}"
+        matrix = { i = "1..3", j = ["x", "y"] }
+        env = { J = "{j}", K = "k" }
+        outputs = ["out/{i}.txt"]
+        cores = 2
+        memory = "1G"
+        gpus = 1
+        retries = 2
+        [[task]]
+        name = "m{n}"
+        command = "mpi {n}"
+        matrix = { n = "1..2" }
+        mpi = true
+        cores = 12
+        [[task]]
+        name = "plain"
+        command = "true"
+    """))
+    res = b.resources[0]
+    tasks = Tasks(b.tasks.parts + [[Task(name="z", command="x", cores=3, shell="bash")]])  # (as Snakemake's jobs)
+    order = list(range(len(tasks)))[::-1]  # (any order: a plan's rank order)
+    rank = {i: 100 + i for i in order}
+    made = [token_def(tasks[i], rank[i], res) for i in order]
+    assert token_defs(tasks, order, rank, res) == made
+    assert made[-2]["command"] == "run 1 y" and made[-2]["env"] == [["J", "y"], ["K", "k"]] and made[-2]["gpus"] == 1
+    assert made[-7]["ranks"] == 12 and made[-7]["nodes"] == 2  # MPI ranks spread over nodes, from the template
