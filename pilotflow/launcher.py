@@ -117,8 +117,11 @@ def write_atomic(path, data):
     os.rename(tmp, path)
 
 
+_ENCODER = json.JSONEncoder(separators=(",", ":"), sort_keys=True)  # (dumps would make one per call)
+
+
 def dump(obj):
-    return json.dumps(obj, separators=(",", ":"), sort_keys=True).encode("utf-8")
+    return _ENCODER.encode(obj).encode("utf-8")
 
 
 def read_record(path):
