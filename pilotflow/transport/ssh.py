@@ -202,13 +202,19 @@ class SshTransport(Transport):
         chan.shutdown_write()
         out, err = bytearray(), bytearray()
         end = time.time() + timeout
+        exited = None  # when the exit status came: sshd may send it before the last of the output
         while True:
             if chan.recv_ready():
                 out += chan.recv(65536)
             elif chan.recv_stderr_ready():
                 err += chan.recv_stderr(65536)
             elif chan.exit_status_ready() and not chan.recv_ready() and not chan.recv_stderr_ready():
-                break
+                exited = exited or time.time()
+                # the output's end (EOF), or a moment's grace for a command that left a process
+                # holding its stdout (which may never end)
+                if chan.eof_received or time.time() - exited > 2.0:
+                    break
+                time.sleep(0.002)
             else:
                 if time.time() > end:
                     chan.close()

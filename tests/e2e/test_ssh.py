@@ -176,6 +176,22 @@ walltime = "5s"
     assert st["counts"]["done"] == 4
 
 
+def test_all_output_of_a_command_that_exits_at_once_comes_back(work, ssh_server, monkeypatch):
+    """sshd may send a command's exit status before the last of its output (a helper exits
+    without the interpreter's teardown): the client reads to the output's end."""
+    from pilotflow.bundle import Resource
+    from pilotflow.transport.ssh import SshTransport
+    monkeypatch.setenv("PILOTFLOW_SSH_CONFIG", str(ssh_server.ssh_config_path))
+    t = SshTransport.for_resource(Resource(name="login", scheduler="local", host="pf-test"))
+    try:
+        n = 600_000
+        for _ in range(20):
+            r = t.run(["/usr/bin/python3", "-c", f"import os; os.write(1, b'x' * {n}); os._exit(0)"])
+            assert (r.returncode, len(r.stdout)) == (0, n)
+    finally:
+        t.close()
+
+
 def test_a_sync_cut_at_any_point_leaves_a_consistent_mirror(work, ssh_server):
     env = ssh_env(ssh_server)
     remote_bundle(work, body="""
