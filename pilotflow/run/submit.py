@@ -14,9 +14,11 @@ from pathlib import Path, PurePosixPath
 from typing import Callable, Iterable
 
 from pilotflow.bundle import Bundle, Resource, Task, task_nodes
+from pilotflow.bundle.model import this_python
 from pilotflow.bundle.tasks import TaskBlock, Tasks
 from pilotflow.errors import BundleError, ExternalError, UsageError
 from pilotflow.launcher import Pool, dump, shard_width, write_atomic
+from pilotflow.launcher_text import launcher_bytecode, launcher_hash
 from pilotflow.planning.plan import Plan, make_plan
 from pilotflow.planning.sizing import PILOT_OVERHEAD_S
 from pilotflow.render import default_root, render_pilot, render_renewal
@@ -118,6 +120,9 @@ def create_pool(t: Transport, pool: str, meta: dict, defs: list[dict], expected:
             t.helper("push", create=True, defs=defs, pool=pool)
             return
         Pool.create(pool, meta).add_defs(defs)
+        code = launcher_bytecode() if python == this_python() else None
+        if code is not None:  # its pilots run this interpreter: the launcher compiled already
+            write_atomic(f"{pool}/.launcher-{launcher_hash()}.pyc", code)
         return
     t.mkdirs([f"{pool}/{d}" for d in Pool.SUBDIRS])
     t.write_file(f"{pool}/run.json", dump(meta))

@@ -139,3 +139,22 @@ def test_launchers_per_node_reaches_every_launch_line_and_follow_ups(scheduler):
         runs = [ln for ln in text.splitlines() if '"$LAUNCHER" run' in ln]
         assert runs and all(ln.rstrip(" &").endswith("--launchers 4") for ln in runs), runs
     assert "--launchers" not in render_pilot(pilot(), resource(scheduler), RUN, POOL).split("PILOTFLOW_LAUNCHER_")[0]
+
+
+def test_cached_bytecode_is_used_only_while_it_is_that_of_its_source(tmp_path):
+    import py_compile
+    import time as _time
+    from pilotflow.launcher_text import bytecode_for
+    src = tmp_path / "mod.py"
+    src.write_text("X = 1\n")
+    assert bytecode_for(src) is None  # nothing cached
+    py_compile.compile(str(src), doraise=True)
+    code = bytecode_for(src)
+    assert code is not None and code[:4] == __import__("importlib.util").util.MAGIC_NUMBER
+    src.write_text("X = 22\n")  # changed since: its size (and mtime) differ
+    assert bytecode_for(src) is None
+    py_compile.compile(str(src), doraise=True, invalidation_mode=py_compile.PycInvalidationMode.CHECKED_HASH)
+    assert bytecode_for(src) is not None
+    src.write_text("X = 33\n")  # same size, other content: the hash says so
+    os.utime(src, (_time.time() + 10, _time.time() + 10))
+    assert bytecode_for(src) is None

@@ -14,6 +14,7 @@ fi
 module load 2023
 . ~/venv/bin/activate
 echo "it's $HOME"
-# one node: this machine
+# one node: this machine (the launcher's bytecode, if submit left it for this interpreter)
+[ -f "${LAUNCHER}c" ] && LAUNCHER="${LAUNCHER}c"
 python3 "$LAUNCHER" run "$POOL" --pilot "$PILOT" --mpi mpiexec --cores 16 --walltime 1800
 echo $? > "$POOL/agents/$PILOT.exit"
