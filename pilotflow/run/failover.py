@@ -219,7 +219,7 @@ def _said(err: ExternalError) -> str:
 def _create_empty_pool(t, pool: str, record, res) -> None:
     meta = {"run": record.run, "lock_timeout": record.lock_timeout, "created": record.created, "resource": res.name,
             "logs": res.logs}
-    create_pool(t, pool, meta, [], expected=len(record.owners()))
+    create_pool(t, pool, meta, [], expected=len(record.owners()), python=res.python)
     write_renewal(t, res, record.run, pool, res.gpus_per_node)
 
 

@@ -290,7 +290,7 @@ class OpenRun:
         # the tasks run in the workflow's directory, which the nodes must share with us
         create_pool(t, pool, {"run": self.run, "lock_timeout": self.record.lock_timeout, "resource": res.name,
                               "created": self.record.created, "workdir": str(self.workdir), "logs": res.logs}, [],
-                    expected=100_000)
+                    expected=100_000, python=res.python)
         self.batches[res.name] = 1  # create_pool wrote the (empty) batch 0
         return pool
 
