@@ -23,6 +23,9 @@ from pilotflow.run.sync import OutputFetcher, Session, Snapshot, sync_states
 from pilotflow.schedulers.base import FINISHED
 
 
+ENDED_GRACE = 5.0  # seconds after its launchers' last end that wind-down stops waiting for a pilot
+
+
 class Observer(Protocol):
     """What a supervisor tells whoever watches (the CLI's live view; nothing, in the API)."""
 
@@ -285,7 +288,8 @@ class Supervisor:
     def wind_down(self, timeout: float = 15.0) -> None:
         """With no work left, pilots exit at once: see them end, so their events are complete."""
         s = self.s
-        end = time.time() + timeout
+        started = time.time()
+        end = started + timeout
         cursor, agents = s.record.mirror.cursor(), s.record.mirror.agents()
 
         def silent(p) -> bool:
@@ -298,8 +302,21 @@ class Supervisor:
                 a.get("pilot") == p.id and "end" not in a and now - float(a.get("beat") or 0) > s.record.lock_timeout
                 for a in agents.values())
 
+        def said_goodbye(p) -> bool:
+            """Every launcher of it ended more than ENDED_GRACE seconds ago: its batch script
+            has nothing left to do, and a scheduler that still lists it waits for a node that
+            went away after its launcher ended (or reports ends slowly: a later look sees it)."""
+            now = cursor.get(p.resource)
+            now = now.get("t") if isinstance(now, dict) else now
+            ends = [(a.get("end") or {}).get("end") if isinstance(a.get("end"), dict) else a.get("end")
+                    for a in agents.values() if a.get("pilot") == p.id]
+            if not ends or not isinstance(now, (int, float)) or not all(isinstance(e, (int, float)) for e in ends):
+                return False
+            return now + (time.time() - started) - max(ends) > ENDED_GRACE
+
         def alive(p) -> bool:
-            return bool(p.job_id) and p.state not in FINISHED and not s.record.broken(p.resource) and not silent(p)
+            return (bool(p.job_id) and p.state not in FINISHED and not s.record.broken(p.resource) and not silent(p)
+                    and not said_goodbye(p))
         # a pilot with nothing left exits within moments: look soon, then less often; a look
         # at this machine's processes costs nothing (no scheduler to ask): often for a second
         here = all(not r.remote and r.scheduler == "local"

@@ -249,7 +249,7 @@ def test_wait_looks_less_often_while_much_work_is_left_and_often_near_the_end():
     assert sup.pace(104.0, counts(800)) == 0.25  # nothing finished since: no pace to go by
 
 
-def test_the_wind_down_waits_for_live_pilots_but_not_for_a_crashed_nodes(tmp_path):
+def test_the_wind_down_waits_for_live_pilots_but_not_for_a_crashed_nodes_nor_long_ended_ones(tmp_path):
     import os
     from pilotflow.run.supervisor import sync_run
     record, clusters = start(tmp_path)
@@ -268,4 +268,17 @@ def test_the_wind_down_waits_for_live_pilots_but_not_for_a_crashed_nodes(tmp_pat
     sync_run(sup.s)
     t = time.time()
     sup.wind_down(timeout=10.0)
+    assert time.time() - t < 1.0 and record.pilots[p.id].state == "running"
+    # every launcher ended: a few seconds for the scheduler to see the job end, not the timeout
+    os.utime(beat)
+    end = pool.path("agents", f"{p.id}.0.end")
+    write_atomic(end, dump({"end": time.time() - 1, "ran": 3, "held": 0}))
+    sync_run(sup.s)
+    t = time.time()
+    sup.wind_down(timeout=2.0)  # ended 1 s ago: still waited for
+    assert time.time() - t >= 1.9
+    write_atomic(end, dump({"end": time.time() - 10, "ran": 3, "held": 0}))
+    sync_run(sup.s)
+    t = time.time()
+    sup.wind_down(timeout=10.0)  # ended 10 s ago (a node gone after its launcher ended)
     assert time.time() - t < 1.0 and record.pilots[p.id].state == "running"
