@@ -21,8 +21,8 @@ from pilotflow.render import pool_path, renewal_gpus
 from pilotflow.run.failover import fail_over_refused
 from pilotflow.run.pilots import cancel_pilots
 from pilotflow.run.records import ResourceState, RunRecord, new_run_id, runs_dir
-from pilotflow.run.submit import (couchdb_spec, create_pool, resolve_root, stage, staged_inputs, submit_pilots, token_defs,
-                                  write_renewal)
+from pilotflow.run.submit import (couchdb_spec, create_pool, resolve_root, stage, staged_inputs, submit_pilots,
+                                  token_defs, write_renewal)
 from pilotflow.run.sync import Session
 from pilotflow.transport import Transport, connect
 
